@@ -1,0 +1,27 @@
+"""``epsanet models``: list the registered EPSANet models with their size."""
+import argparse
+
+COMMAND = 'models'
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(COMMAND, help='list the EPSANet models and their parameter counts')
+    parser.add_argument('--pretrained', action='store_true', help='only models with registered pretrained weights')
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+
+    import epsanet  # noqa: F401  (registers the models)
+
+    names = timm.list_models('epsanet*', pretrained=args.pretrained)
+    if not names:
+        print('No EPSANet weights are registered yet: see the "Weights" section of the README.')
+        return 0
+    print(f'{"model":<22} {"params":>12}')
+    for name in names:
+        model = timm.create_model(name)
+        params = sum(p.numel() for p in model.parameters())
+        print(f'{name:<22} {params:>12,}')
+    return 0

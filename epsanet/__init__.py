@@ -4,13 +4,13 @@
 ``epsanet101_large`` with timm, so ``timm.create_model("epsanet50")`` works.
 """
 from .layers import PSA, PSAGate, PyramidSqueezeAttention
-from .models import PSABottleneck, epsanet50, epsanet50_large, epsanet101, epsanet101_large
+from .models import PSABottleneck, checkpoint_filter_fn, epsanet50, epsanet50_large, epsanet101, epsanet101_large
 
 __version__ = '0.1.0'
 
 MODEL_NAMES = ('epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large')
 
 __all__ = [
-    'MODEL_NAMES', 'PSA', 'PSABottleneck', 'PSAGate', 'PyramidSqueezeAttention',
+    'MODEL_NAMES', 'PSA', 'PSABottleneck', 'PSAGate', 'PyramidSqueezeAttention', 'checkpoint_filter_fn',
     'epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large',
 ]

@@ -13,8 +13,10 @@ the whole timm model contract (features, intermediates, checkpointing, ...) hold
 Paper: "EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network",
 Zhang et al., ACCV 2022, https://arxiv.org/abs/2105.14447
 """
+import logging
 import math
 import re
+from functools import partial
 from typing import Any, Dict, Optional, Type
 
 import torch
@@ -25,8 +27,11 @@ from timm.models.resnet import ResNet
 from torch import nn
 
 from ..layers.psa import PyramidSqueezeAttention
+from ..weights.registry import registry_cfgs
 
 __all__ = ['PSABottleneck', 'checkpoint_filter_fn', 'SMALL_PSA', 'LARGE_PSA']
+
+_logger = logging.getLogger(__name__)
 
 SMALL_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(1, 4, 8, 16), split_input=False)
 LARGE_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(4, 8, 16, 16), split_input=True)
@@ -116,27 +121,44 @@ _AUTHOR_BRANCH_KEY = re.compile(r'\.conv2\.conv_(\d+)\.')
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map an authors' or timm-style EPSANet state dict onto this implementation.
 
-    * strips the ``module.`` prefix of DataParallel checkpoints;
+    * strips the ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes;
     * renames the authors' PSA branches ``conv2.conv_{i}`` (1-based) to ``conv2.convs.{i-1}``;
     * reshapes SE weights saved as linear ``[out, in]`` to 1x1 conv ``[out, in, 1, 1]``.
 
     Then checks the result against ``model`` and raises ``ValueError`` listing every missing and
     unexpected key and every shape mismatch, e.g. Small weights offered to a Large model. The
-    stem conv and the classifier are left to timm, which adapts ``in_chans`` and ``num_classes``.
+    stem conv is left to timm, which adapts ``in_chans``. A classifier whose class count differs
+    from the model's is replaced by the model's freshly initialised one, with a log line (timm
+    drops it too when ``num_classes`` differs from the pretrained cfg's).
     """
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
     target = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        if k.startswith('module.'):
-            k = k[len('module.'):]
+        for prefix in ('module.', '_orig_mod.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
         k = _AUTHOR_BRANCH_KEY.sub(lambda m: f'.conv2.convs.{int(m.group(1)) - 1}.', k)
         if '.se.fc' in k and k.endswith('.weight') and v.ndim == 2:
             v = v[:, :, None, None]
         out[k] = v
     _check_fits(out, target, skip=_adapted_keys(model))
+    _reinit_classifier(out, target, model)
     return out
+
+
+def _reinit_classifier(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'fc'
+    w, b = f'{name}.weight', f'{name}.bias'
+    if w not in state_dict or w not in target or state_dict[w].shape == target[w].shape:
+        return
+    _logger.info(
+        f'Re-initialising the classifier "{name}": the checkpoint has {state_dict[w].shape[0]} classes, '
+        f'the model {target[w].shape[0]}.')
+    state_dict[w] = target[w]
+    if b in target:
+        state_dict[b] = target[b]
 
 
 def _adapted_keys(model: nn.Module) -> set:
@@ -166,13 +188,14 @@ def _check_fits(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Ten
 
 
 def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_model_with_cfg(
-        ResNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+    """Build through timm. With ``pretrained=True`` the weights are fetched, verified and read safely by
+    :func:`epsanet.weights.loading.build_pretrained`, which raises a clear error (with the three ways to
+    give weights: file, URL, Hub id) when none are registered or given."""
+    build = partial(build_model_with_cfg, ResNet, variant, pretrained_filter_fn=checkpoint_filter_fn)
+    if pretrained:
+        from ..weights.loading import build_pretrained
+        return build_pretrained(build, variant, **kwargs)
+    return build(False, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -189,7 +212,10 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# Registered weights (weights/registry.json) come first, so that a model's first registered tag is its
+# default; `.untrained` is the tag of models with none (the authors never released ImageNet weights).
 default_cfgs = generate_default_cfgs({
+    **{name: _cfg(**cfg) for name, cfg in registry_cfgs().items()},
     'epsanet50.untrained': _cfg(),
     'epsanet50_large.untrained': _cfg(),
     'epsanet101.untrained': _cfg(),

@@ -1,0 +1,188 @@
+"""``epsanet convert``: any supported weights file -> a Hub-ready, verified timm folder.
+
+The folder holds ``model.safetensors``, ``config.json`` (timm's format, written by timm's
+``save_for_hf``), ``model.safetensors.sha256`` (``sha256sum -c`` format), a ``README.md`` model card
+and ``registry_entry.json``, the draft of the registry entry that ``epsanet push`` completes. The
+folder is reloaded with ``timm.create_model("local-dir:...")`` and must reproduce the source's logits.
+"""
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from .loading import WeightsError, _pick_state_dict, read_checkpoint, sha256_file
+from .model_card import count_gflops, dumps, render_model_card
+
+__all__ = ['ConvertResult', 'convert', 'infer_architecture']
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+ENTRY_NAME = 'registry_entry.json'
+_LAYER3_BLOCK = re.compile(r'^layer3\.(\d+)\.')
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` wrote and checked."""
+    out_dir: Path
+    model: str
+    num_classes: int
+    in_chans: int
+    params: int
+    gflops: float
+    sha256: str
+    file_size: int
+    max_abs_diff: float
+    entry: Dict[str, Any] = field(default_factory=dict)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def infer_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Which EPSANet a state dict belongs to (timm or authors' names), from its shapes; None if unknown.
+
+    Depth from the number of stage-3 blocks (6: 50, 23: 101), Small/Large from the width of the first
+    block (64 / 128 channels).
+    """
+    keys = [k[len('module.'):] if k.startswith('module.') else k for k in state_dict]
+    blocks = {int(m.group(1)) for k in keys if (m := _LAYER3_BLOCK.match(k))}
+    depth = {6: '50', 23: '101'}.get(len(blocks))
+    first = state_dict.get('layer1.0.conv1.weight', state_dict.get('module.layer1.0.conv1.weight'))
+    width = {64: '', 128: '_large'}.get(int(first.shape[0])) if first is not None else None
+    if depth is None or width is None:
+        return None
+    return f'epsanet{depth}{width}'
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.is_file():
+        raise WeightsError(f'{out_dir} is a file; give a folder to write the converted weights into.')
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise WeightsError(f'{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) '
+                           'or choose another folder.')
+
+
+def _draft_entry(model: str, tag: Optional[str], sha256: str, size: int, num_classes: int,
+                 license_: Optional[str], provenance: Dict[str, Any], metrics: Optional[Dict[str, Any]]):
+    return {
+        'model': model, 'tag': tag, 'source': None, 'sha256': sha256, 'file_size': size,
+        'num_classes': num_classes, 'license': license_, 'provenance': provenance, 'metrics': metrics,
+    }
+
+
+def convert(
+        src: Union[str, Path],
+        out_dir: Union[str, Path],
+        model_name: Optional[str] = None,
+        tag: Optional[str] = None,
+        license: Optional[str] = None,
+        provenance: Optional[Dict[str, Any]] = None,
+        metrics: Optional[Dict[str, Any]] = None,
+        overwrite: bool = False,
+        check_img_size: int = 64,
+        progress: bool = True,
+) -> ConvertResult:
+    """Convert ``src`` (authors' checkpoint, timm state dict, training checkpoint, safetensors) to ``out_dir``.
+
+    Args:
+        src: the weights file.
+        out_dir: folder to create (must be empty or absent unless ``overwrite``).
+        model_name: one of ``epsanet.MODEL_NAMES``; inferred from the checkpoint's shapes when None.
+            A wrong name fails with the list of mismatched keys.
+        tag: the pretrained tag the weights would get in the registry (e.g. ``in1k``).
+        license: licence of the weights (e.g. ``mit``, ``apache-2.0``), written to the card and entry.
+        provenance: who trained them, recipe/config, data, notes (free-form keys).
+        metrics: results of ``epsanet validate`` (``top1``, ``top5``, ``img_size``, optional ``crop_pct``,
+            ``dataset``, ``command``).
+        overwrite: replace the files of an existing folder.
+        check_img_size: image size of the logits check between the source and the reloaded folder.
+        progress: show a progress bar over the steps.
+    """
+    import timm
+    from timm.models import save_for_hf
+
+    import epsanet
+
+    src, out_dir = Path(src), Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    steps = tqdm(total=5, desc='convert', disable=not progress, unit='step')
+
+    steps.set_postfix_str('read')
+    raw = read_checkpoint(src)
+    state_dict = _pick_state_dict(raw, src)
+    inferred = infer_architecture(state_dict)
+    model_name = model_name or inferred
+    if model_name is None:
+        raise WeightsError(f'Cannot tell which EPSANet {src} holds; name it with model_name= (--model), '
+                           f'one of {list(epsanet.MODEL_NAMES)}.')
+    if model_name not in epsanet.MODEL_NAMES:
+        raise WeightsError(f'Unknown model {model_name!r}; choose one of {list(epsanet.MODEL_NAMES)}.')
+    steps.update()
+
+    steps.set_postfix_str('build')
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict)).eval()
+    model.pretrained_cfg.update(tag=tag, license=license)
+    num_classes, in_chans = model.num_classes, model.conv1.in_channels
+    steps.update()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    try:
+        steps.set_postfix_str('save')
+        save_for_hf(model, str(tmp), safe_serialization=True)
+        steps.update()
+
+        steps.set_postfix_str('check')
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, in_chans, check_img_size, check_img_size, generator=gen)
+        reloaded = timm.create_model(f'local-dir:{tmp}', pretrained=True).eval()
+        with torch.no_grad():
+            expected, got = model(x), reloaded(x)
+        max_abs_diff = float((expected - got).abs().max())
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=0, atol=1e-5):
+            raise WeightsError(f'The converted folder does not reproduce the source logits (max |diff| '
+                               f'{max_abs_diff:.3g}); nothing was written to {out_dir}.')
+        steps.update()
+
+        steps.set_postfix_str('card')
+        sha, size = sha256_file(tmp / WEIGHTS_NAME), (tmp / WEIGHTS_NAME).stat().st_size
+        params = sum(p.numel() for p in model.parameters())
+        gflops = count_gflops(model, 224, in_chans)
+        prov = dict(provenance or {})
+        if isinstance(raw, dict) and 'arch' in raw and 'epoch' in raw:
+            prov.setdefault('notes', f'authors\' checkpoint format (arch {raw["arch"]}, epoch {raw["epoch"]})')
+        metrics = dict(metrics) if metrics else None
+        if metrics is not None:
+            metrics.setdefault('crop_pct', model.pretrained_cfg.get('crop_pct'))
+        entry = _draft_entry(model_name, tag, sha, size, num_classes, license, prov, metrics)
+        (tmp / f'{WEIGHTS_NAME}.sha256').write_text(f'{sha}  {WEIGHTS_NAME}\n')
+        (tmp / ENTRY_NAME).write_text(dumps(entry))
+        (tmp / 'README.md').write_text(render_model_card(dict(
+            model=model_name, tag=tag, num_classes=num_classes, in_chans=in_chans, params=params, gflops=gflops,
+            sha256=sha, file_size=size, license=license, provenance=prov, metrics=metrics,
+            source_name=src.name, source_sha256=sha256_file(src), max_abs_diff=max_abs_diff)))
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mode = 0o666 & ~_umask()
+        for f in sorted(tmp.iterdir()):
+            f.chmod(mode)
+            f.replace(out_dir / f.name)  # same file system: each file appears atomically
+        steps.update()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        steps.close()
+    _logger.info(f'Wrote {out_dir} ({model_name}, {num_classes} classes, sha256 {sha}); logits match the '
+                 f'source (max |diff| {max_abs_diff:.2e}).')
+    return ConvertResult(out_dir, model_name, num_classes, in_chans, params, gflops, sha, size, max_abs_diff, entry)

@@ -46,7 +46,7 @@ def pretrained_overlay(weights: Union[str, os.PathLike, Mapping[str, torch.Tenso
     if os.path.isfile(src):
         return {**cleared, 'file': os.path.abspath(src)}
     raise FileNotFoundError(
-        f'Backbone weights {src!r} are neither an existing file, an http(s):// URL nor an "hf-hub:org/name" '
+        f'Weights {src!r} are neither an existing file, an http(s):// URL nor an "hf-hub:org/name" '
         'Hub id. Pass one of these (or weights=True for the model\'s registered pretrained tag).')
 
 

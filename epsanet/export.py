@@ -1,0 +1,200 @@
+"""Export a model to ONNX, TorchScript or a ``torch.export`` ExportedProgram, checked against PyTorch.
+
+Every export is written to a temporary file next to the target, loaded back with its own runtime
+(onnxruntime, ``torch.jit.load``, ``torch.export.load``), run on a fresh random batch and compared
+with the PyTorch model's outputs; only a file that passes replaces the target (atomically).
+With ``dynamic_batch`` the check batch has another size than the example batch, which proves the
+batch axis is dynamic.
+
+* ONNX uses ``torch.onnx.export(..., dynamo=False)`` (the TorchScript-based exporter): the dynamo
+  exporter needs the ``onnxscript`` package, which this project does not depend on.
+* TorchScript is deprecated by PyTorch (2.10+ warns); it is kept for runtimes that still need it.
+* ExportedPrograms are saved with ``torch.export.save`` and must end in ``.pt2``.
+"""
+import contextlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'load_exported']
+
+# format -> default file extension
+FORMATS: Dict[str, str] = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2'}
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported file disagrees with PyTorch."""
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    input_shape: Tuple[int, ...]
+    dynamic_batch: bool
+    max_abs_diff: Optional[float] = None  # None when the check was skipped
+    check_batch_size: Optional[int] = None
+
+
+def export_model(
+        model: nn.Module,
+        path: str,
+        format: str = 'onnx',
+        input_size: Sequence[int] = (3, 224, 224),
+        batch_size: int = 2,
+        dynamic_batch: bool = True,
+        opset: int = 17,
+        method: str = 'script',
+        check: bool = True,
+        atol: float = 1e-4,
+        check_batch_size: Optional[int] = None,
+) -> ExportResult:
+    """Export ``model`` (in eval mode) to ``path`` and check the file against PyTorch.
+
+    Args:
+        model: a module taking one ``[N, C, H, W]`` tensor and returning a tensor or a
+            list/tuple of tensors (classifiers, ``features_only`` models, ...).
+        path: output file (``.pt2`` for ``exported-program``).
+        format: ``onnx``, ``torchscript`` or ``exported-program``.
+        input_size: ``(C, H, W)`` of the example input; H and W are fixed in the export.
+        batch_size: batch of the example input.
+        dynamic_batch: make the batch axis dynamic (ONNX and ExportedProgram; a scripted
+            TorchScript module is always shape-generic).
+        opset: ONNX opset.
+        method: TorchScript ``script`` (default) or ``trace``.
+        check: reload the file and compare its outputs with PyTorch's.
+        atol: largest absolute difference the check accepts.
+        check_batch_size: batch of the check input; default ``batch_size + 1`` when the batch is
+            dynamic, else ``batch_size``.
+
+    Raises:
+        ValueError: unknown format or method, or a bad ``path``.
+        ExportError: the export failed, or the outputs differ by more than ``atol``; nothing
+            is written then.
+    """
+    if format not in FORMATS:
+        raise ValueError(f'Unknown export format {format!r}: choose one of {", ".join(FORMATS)}.')
+    if format == 'exported-program' and not str(path).endswith('.pt2'):
+        raise ValueError(f'An ExportedProgram file must end in .pt2 (torch.export.load needs it), got {path!r}.')
+    if method not in ('script', 'trace'):
+        raise ValueError(f'TorchScript method must be "script" or "trace", got {method!r}.')
+    if len(input_size) != 3:
+        raise ValueError(f'input_size must be (channels, height, width), got {tuple(input_size)}.')
+    model = model.eval()
+    device = _device_of(model)
+    example = torch.randn(batch_size, *input_size, device=device)
+    with torch.no_grad():
+        num_outputs = len(_flatten(model(example)))
+
+    writers: Dict[str, Callable[[str], None]] = {
+        'onnx': lambda f: _write_onnx(model, example, f, num_outputs, dynamic_batch, opset),
+        'torchscript': lambda f: _write_torchscript(model, example, f, method),
+        'exported-program': lambda f: _write_exported_program(model, example, f, dynamic_batch),
+    }
+    result = ExportResult(str(path), format, tuple(example.shape), dynamic_batch)
+    with _atomic_path(str(path)) as tmp:
+        try:
+            writers[format](tmp)
+        except Exception as e:  # the exporters raise many types; name the step that failed
+            raise ExportError(f'{format} export of {type(model).__name__} failed: {e}') from e
+        if check:
+            n = check_batch_size or (batch_size + 1 if dynamic_batch else batch_size)
+            result.check_batch_size = n
+            result.max_abs_diff = _check(model, load_exported(tmp, format), n, input_size, device, atol, format)
+    return result
+
+
+def load_exported(path: str, format: str) -> Callable[[torch.Tensor], List[torch.Tensor]]:
+    """Load an exported file with its runtime; returns ``fn(x) -> list of output tensors``."""
+    if format == 'onnx':
+        import onnx
+        import onnxruntime as ort
+
+        onnx.checker.check_model(path)
+        session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+        input_name = session.get_inputs()[0].name
+        return lambda x: [torch.from_numpy(o) for o in session.run(None, {input_name: x.detach().cpu().numpy()})]
+    if format == 'torchscript':
+        module = torch.jit.load(path, map_location='cpu')
+        return lambda x: _flatten(module(x.cpu()))
+    if format == 'exported-program':
+        module = torch.export.load(path).module()
+        return lambda x: _flatten(module(x))
+    raise ValueError(f'Unknown export format {format!r}: choose one of {", ".join(FORMATS)}.')
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, num_outputs: int, dynamic: bool, opset: int):
+    output_names = ['output'] if num_outputs == 1 else [f'output{i}' for i in range(num_outputs)]
+    dynamic_axes = {n: {0: 'batch'} for n in ['input', *output_names]} if dynamic else None
+    with warnings.catch_warnings():
+        # dynamo=False on purpose (the dynamo exporter needs onnxscript): silence its deprecation notice
+        warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
+        torch.onnx.export(
+            model, (example,), path, dynamo=False, opset_version=opset, input_names=['input'],
+            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, method: str):
+    module = torch.jit.script(model) if method == 'script' else torch.jit.trace(model, example)
+    torch.jit.save(module, path)
+
+
+def _write_exported_program(model: nn.Module, example: torch.Tensor, path: str, dynamic: bool):
+    shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic else None
+    program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    torch.export.save(program, path)
+
+
+@torch.no_grad()
+def _check(model, run, batch_size: int, input_size, device, atol: float, format: str) -> float:
+    x = torch.randn(batch_size, *input_size, device=device)
+    expected = _flatten(model(x))
+    got = run(x)
+    if len(got) != len(expected):
+        raise ExportError(f'The {format} file returns {len(got)} outputs, PyTorch {len(expected)}.')
+    diff = 0.0
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if tuple(g.shape) != tuple(e.shape):
+            raise ExportError(
+                f'{format} output {i} has shape {tuple(g.shape)} for a batch of {batch_size}, PyTorch '
+                f'{tuple(e.shape)}.')
+        diff = max(diff, (g.to(e.device, e.dtype) - e).abs().max().item())
+    if not diff <= atol:
+        raise ExportError(
+            f'The {format} file differs from PyTorch by {diff:.3g} (max abs), more than atol={atol:g}; '
+            'nothing was written.')
+    return diff
+
+
+def _flatten(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return list(out)
+    raise ExportError(
+        f'export_model needs a model returning a tensor or a list/tuple of tensors, got {type(out).__name__}.')
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device('cpu')
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str) -> Iterator[str]:
+    """Yield a temp path in ``path``'s folder (same extension); move it onto ``path`` on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -135,8 +135,9 @@ def test_invalid_configurations_raise_value_error(kwargs, needle):
 
 def test_psa_in_a_user_network_trains():
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), PSA(32, 32, groups=(1, 2, 4, 8)), torch.nn.BatchNorm2d(32),
-        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 2))
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+        PSA(32, 32, groups=(1, 2, 4, 8)), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 2))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8,))
     losses = []

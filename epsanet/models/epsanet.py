@@ -177,7 +177,7 @@ def _check_fits(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Ten
         if k in target and k not in skip and tuple(v.shape) != tuple(target[k].shape))
     if missing or unexpected or mismatched:
         def _section(title, items, limit=20):
-            more = f'\n    ... and {len(items) - limit} more' if len(items) > limit else ''
+            more = f'    ... and {len(items) - limit} more\n' if len(items) > limit else ''
             return f'  {title} ({len(items)}):\n' + ''.join(f'    {i}\n' for i in items[:limit]) + more
         raise ValueError(
             'The checkpoint does not fit this EPSANet architecture (was it saved from another model, '

@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 from urllib.parse import urlparse
@@ -189,10 +190,11 @@ def download_url(
 ) -> Path:
     """Download ``url`` into the cache (or reuse the cached copy) and verify it.
 
-    The file is written by ``torch.hub.download_url_to_file`` (temp file, then rename, with a progress
-    bar); with a known sha256 that function checks it before the rename, so a bad download never
-    reaches the cache. A cached copy that fails verification is deleted and fetched again. In offline
-    mode (``HF_HUB_OFFLINE=1``) only the cache is used.
+    The file is fetched by ``torch.hub.download_url_to_file`` (with a progress bar) under a temporary
+    name, checked against the announced length and the expected size/sha256, and only then renamed
+    into the cache, so a truncated or wrong download never reaches it. A cached copy that fails
+    verification is deleted and fetched again. In offline mode (``HF_HUB_OFFLINE=1``) only the cache
+    is used.
     """
     name = os.path.basename(urlparse(url).path) or 'weights'
     url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -211,28 +213,38 @@ def download_url(
             + _how_to_load_file())
     dst.parent.mkdir(parents=True, exist_ok=True)
     _logger.info(f'Downloading {url} to {dst}')
+    expected_size = file_size if file_size is not None else _content_length(url)
+    partial = dst.with_name(f'.{dst.name}.{os.getpid()}.download')
     try:
-        torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256.lower() if sha256 else None,
-                                       progress=progress)
-    except http.client.IncompleteRead as e:
-        raise WeightsIntegrityError(
-            f'The download of {url} was cut short ({len(e.partial)} bytes received, {e.expected} more expected); '
-            'nothing was saved. Try again, or ' + _how_to_load_file()) from e
-    except RuntimeError as e:
-        if 'invalid hash value' not in str(e):
-            raise
-        raise WeightsIntegrityError(
-            f'sha256 mismatch for {url}: {e}. The downloaded file was deleted. The server sent a different file '
-            'than the one registered: check the URL and sha256, or ' + _how_to_load_file()) from e
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        reason = getattr(e, 'reason', None) or e
+        torch.hub.download_url_to_file(url, str(partial), progress=progress)
+        if expected_size is not None and partial.stat().st_size != expected_size:
+            raise WeightsIntegrityError(
+                f'The download of {url} was cut short ({partial.stat().st_size} of {expected_size} bytes); '
+                'nothing was saved. Try again, or ' + _how_to_load_file())
+        try:
+            verify_file(partial, sha256)
+        except WeightsIntegrityError as e:
+            raise WeightsIntegrityError(
+                f'{e} The download was deleted: {url} serves a different file than the one expected; check the '
+                'URL and sha256, or ' + _how_to_load_file()) from None
+        os.replace(partial, dst)  # only a verified file ever gets the cache name
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+        reason = e if isinstance(e, urllib.error.HTTPError) else (getattr(e, 'reason', None) or e)
         raise WeightsDownloadError(f'Could not download {url} ({reason}). ' + _how_to_load_file()) from e
-    try:
-        verify_file(dst, None, file_size)
-    except WeightsIntegrityError:
-        dst.unlink()
-        raise
+    finally:
+        partial.unlink(missing_ok=True)
     return dst
+
+
+def _content_length(url: str) -> Optional[int]:
+    """The size a server announces for ``url`` (HEAD request), to detect a download cut short."""
+    try:
+        req = urllib.request.Request(url, method='HEAD', headers={'User-Agent': 'torch.hub'})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            length = r.headers.get('Content-Length')
+        return int(length) if length else None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+        return None  # the GET that follows reports real failures
 
 
 def _remove_cached_hub_file(path: Path) -> None:

@@ -159,7 +159,8 @@ def convert(
         steps.set_postfix_str('card')
         sha, size = sha256_file(tmp / WEIGHTS_NAME), (tmp / WEIGHTS_NAME).stat().st_size
         params = sum(p.numel() for p in model.parameters())
-        gflops = count_gflops(model, 224, in_chans)
+        shape_only = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans, device='meta')
+        gflops = count_gflops(shape_only, 224, in_chans)
         prov = dict(provenance or {})
         if isinstance(raw, dict) and 'arch' in raw and 'epoch' in raw:
             prov.setdefault('notes', f'authors\' checkpoint format (arch {raw["arch"]}, epoch {raw["epoch"]})')

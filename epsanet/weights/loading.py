@@ -443,6 +443,7 @@ def create_pretrained(
         **kwargs: passed to ``timm.create_model`` (``num_classes``, ``in_chans``, ``cache_dir``, ...).
     """
     import timm
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     import epsanet  # noqa: F401  (registers the models)
 
@@ -457,5 +458,10 @@ def create_pretrained(
             overlay['url'] = w
         else:
             overlay['file'] = w
-    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    try:
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except (HfHubHTTPError, EntryNotFoundError) as e:  # timm fetching an hf-hub: model's config.json
+        raise WeightsDownloadError(
+            f'Could not get the config.json of {model_name} from the Hugging Face Hub ({e}). Check the repo id, '
+            'your connection and token (`hf auth login`), or ' + _how_to_load_file()) from e
 

@@ -14,27 +14,30 @@ def count_gflops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> fl
 
     Multiply-accumulates of every conv and linear layer, plus two operations per BatchNorm output
     element; activations, pooling and the PSA softmax are not counted (this rule gives the paper's
-    3.62 G for EPSANet-50 Small). Counted with forward hooks on one forward pass.
+    3.62 G for EPSANet-50 Small). Counted with forward hooks on one forward pass. A PSA layer's branch
+    convs are counted from the layer's output (each branch makes 1/S of it), so the count does not
+    depend on how the layer computes them (module calls or fused ``F.conv2d``).
     """
-    total = [0]
+    from ..layers.psa import PyramidSqueezeAttention
 
-    def conv_hook(m: nn.Conv2d, _inp, out):
-        total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+    total = 0
+    branch_convs = {id(c) for m in model.modules() if isinstance(m, PyramidSqueezeAttention) for c in m.convs}
 
-    def linear_hook(m: nn.Linear, _inp, out):
-        total[0] += out.numel() * m.in_features
+    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, PyramidSqueezeAttention):
+            for conv in module.convs:
+                total += output.numel() // len(module.convs) * (conv.in_channels // conv.groups) * \
+                    conv.kernel_size[0] * conv.kernel_size[1]
+        elif isinstance(module, nn.Conv2d) and id(module) not in branch_convs:
+            total += output.numel() * (module.in_channels // module.groups) * \
+                module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            total += 2 * output.numel()
 
-    def bn_hook(_m, _inp, out):
-        total[0] += 2 * out.numel()
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            hooks.append(m.register_forward_hook(bn_hook))
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
     was_training = model.training
     model.eval()
     try:
@@ -44,7 +47,7 @@ def count_gflops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> fl
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return total[0] / 1e9
+    return total / 1e9
 
 
 def _fmt(value: Any) -> str:

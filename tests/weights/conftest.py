@@ -156,3 +156,14 @@ def image():
 def reference_logits(small_reference, image):
     with torch.no_grad():
         return small_reference(image)
+
+
+@pytest.fixture(scope='session')
+def converted_dir(tmp_path_factory, authors_file):
+    """``epsanet convert`` of the authors' checkpoint (shared: converting takes several seconds)."""
+    from epsanet.weights.convert import convert
+
+    out = tmp_path_factory.mktemp('converted') / 'epsanet50-test'
+    result = convert(authors_file, out, tag='test', license='mit', provenance={'trained_by': 'test fixture'},
+                     progress=False)
+    return out, result

@@ -110,14 +110,24 @@ def convert(
         check_img_size: image size of the logits check between the source and the reloaded folder.
         progress: show a progress bar over the steps.
     """
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_file():
+        raise FileNotFoundError(f'No weights file at {src}.')
+    _check_out_dir(out_dir, overwrite)
+    with tqdm(total=5, desc='convert', disable=not progress, unit='step') as steps:
+        result = _convert(src, out_dir, model_name, tag, license, provenance, metrics, check_img_size, steps)
+    _logger.info(f'Wrote {out_dir} ({result.model}, {result.num_classes} classes, sha256 {result.sha256}); '
+                 f'logits match the source (max |diff| {result.max_abs_diff:.2e}).')
+    return result
+
+
+def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[str], license: Optional[str],
+             provenance: Optional[Dict[str, Any]], metrics: Optional[Dict[str, Any]], check_img_size: int,
+             steps: tqdm) -> ConvertResult:
     import timm
     from timm.models import save_for_hf
 
     import epsanet
-
-    src, out_dir = Path(src), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
-    steps = tqdm(total=5, desc='convert', disable=not progress, unit='step')
 
     steps.set_postfix_str('read')
     raw = read_checkpoint(src)
@@ -183,7 +193,4 @@ def convert(
         steps.update()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        steps.close()
-    _logger.info(f'Wrote {out_dir} ({model_name}, {num_classes} classes, sha256 {sha}); logits match the '
-                 f'source (max |diff| {max_abs_diff:.2e}).')
     return ConvertResult(out_dir, model_name, num_classes, in_chans, params, gflops, sha, size, max_abs_diff, entry)

@@ -18,6 +18,7 @@ Zhang et al., ACCV 2022, https://arxiv.org/abs/2105.14447
 from typing import List, Optional, Sequence, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['PyramidSqueezeAttention', 'PSA', 'PSAGate']
@@ -109,32 +110,52 @@ class PyramidSqueezeAttention(nn.Module):
             for k, g in zip(kernel_sizes, groups)
         ])
         self.se = PSAGate(branch_out, rd_channels, act_layer=act_layer, **dd)
+        self.stride = stride
+        self.dilation = dilation
+        # formulation of each branch, fixed at construction (see _use_depthwise)
+        self._depthwise_eval = [
+            _use_depthwise(branch_in // g, branch_out // g, k, training=False) for k, g in zip(kernel_sizes, groups)]
+        self._train_channels_last = any(g > 1 and branch_in // g < 16 for g in groups)
+        self._depthwise_train = [
+            _use_depthwise(branch_in // g, branch_out // g, k, training=True) for k, g in zip(kernel_sizes, groups)]
 
     def extra_repr(self) -> str:
         return (
             f'{self.in_chs}, {self.out_chs}, kernel_sizes={self.kernel_sizes}, groups={self.groups}, '
             f'split_input={self.split_input}')
 
-    def _branches(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Branch outputs in reversed branch order (largest kernel first)."""
-        if self.split_input:
-            inputs = torch.chunk(x, self.num_branches, dim=1)
-        else:
-            inputs = [x] * self.num_branches
-        outs: List[torch.Tensor] = []
-        for i, conv in enumerate(self.convs):
-            outs.insert(0, conv(inputs[i]))
-        return outs
+    def _branch(self, i: int, conv: nn.Conv2d, x: torch.Tensor, as_depthwise: bool) -> torch.Tensor:
+        k, g = self.kernel_sizes[i], self.groups[i]
+        # the weight in x's memory format: a channels_last weight would switch the conv to channels_last
+        weight = conv.weight.contiguous(memory_format=_memory_format_of(x))
+        if as_depthwise:
+            return _grouped_conv_as_depthwise(x, weight, g, k, self.stride, self.dilation)
+        return F.conv2d(x, weight, None, self.stride, self.dilation * (k // 2), self.dilation, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = torch.cat(self._branches(x), dim=1)
-        n, _, h, w = feats.shape
+        inp = x
+        # The branches run in the memory format that is fastest on oneDNN (x86 CPU) whatever the
+        # caller uses: NCHW for inference (the forward of these grouped and depthwise convs is
+        # faster in it), channels_last for training layers with few channels per group (their
+        # grouped-conv backward is 2-4x faster in it). The result goes back in the caller's format.
+        if self.training:
+            if self._train_channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            depthwise = self._depthwise_train
+        else:
+            x = x.contiguous()
+            depthwise = self._depthwise_eval
+        inputs = torch.chunk(x, self.num_branches, dim=1) if self.split_input else [x] * self.num_branches
+        outs: List[torch.Tensor] = []
+        for i, conv in enumerate(self.convs):
+            # reversed branch order: the largest kernel first
+            outs.insert(0, self._branch(i, conv, inputs[i], depthwise[i]))
+        feats = torch.cat(outs, dim=1)
         s, c = self.num_branches, self.branch_chs
-        feats = feats.view(n, s, c, h, w)
-        # one batched SE over all branches: [N*S, C, 1, 1]
-        pooled = feats.mean(dim=(3, 4)).reshape(n * s, c, 1, 1)
-        attn = self.se(pooled).view(n, s, c, 1, 1).softmax(dim=1)
-        return (feats * attn).reshape(n, s * c, h, w)
+        # one batched SE over all branches: [N * S, C, 1, 1]
+        pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
+        attn = self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
+        return _in_format_of(feats * attn, inp)
 
 
 PSA = PyramidSqueezeAttention
@@ -174,3 +195,57 @@ def _check_config(
             raise ValueError(
                 f'PSA branch with kernel {k} has groups={g}, which must divide both its input channels '
                 f'({branch_in}) and its output channels ({branch_out}).')
+
+
+def _use_depthwise(in_per_group: int, out_per_group: int, kernel_size: int, training: bool) -> bool:
+    """Whether a grouped branch conv runs faster as a depthwise conv plus a sum.
+
+    Measured on oneDNN (x86 CPU): grouped convs with large kernels and only 1-2 output channels
+    per group are 3-10x slower than a depthwise conv doing the same multiply-adds (e.g. the
+    9x9 branch of EPSANet-50's first stage, 4 input and 1 output channel per group). In
+    training only the 1-output-channel case wins, because the replicated input of the
+    2-channel case makes the backward pass slower than the channels_last grouped conv.
+    """
+    if in_per_group == 1 or kernel_size < 7:
+        return False
+    return out_per_group == 1 if training else out_per_group <= 2
+
+
+def _grouped_conv_as_depthwise(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        groups: int,
+        kernel_size: int,
+        stride: int,
+        dilation: int,
+) -> torch.Tensor:
+    """``conv2d(x, weight, groups=groups)`` computed as a depthwise conv and a sum.
+
+    Every output channel ``o`` of group ``g`` is the sum over the group's ``I`` input channels
+    ``i`` of ``x[g, i] * weight[o, i]``: a depthwise conv over the input channels, replicated
+    once per output channel of the group, followed by a sum over ``i``. Same multiply-adds,
+    but depthwise convs have specialised kernels.
+    """
+    out_chs, in_per_group = weight.shape[0], weight.shape[1]
+    out_per_group = out_chs // groups
+    if out_per_group > 1:
+        # [N, G*I, H, W] -> [N, G, O, I, H, W] -> [N, G*O*I, H, W]
+        x = x.unflatten(1, (groups, 1, in_per_group)).expand(-1, -1, out_per_group, -1, -1, -1).flatten(1, 3)
+    y = F.conv2d(
+        x, weight.reshape(out_chs * in_per_group, 1, kernel_size, kernel_size), None, stride,
+        dilation * (kernel_size // 2), dilation, out_chs * in_per_group)
+    return y.unflatten(1, (out_chs, in_per_group)).sum(dim=2)
+
+
+@torch.fx.wrap
+def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a channels_last tensor, else ``torch.contiguous_format``."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.fx.wrap
+def _in_format_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``like``'s memory format (NCHW or channels_last); a leaf for torch.fx."""
+    return out.contiguous(memory_format=_memory_format_of(like))

@@ -1,0 +1,524 @@
+"""Benchmark EPSANet against the authors' reference network and timm's ResNets.
+
+Every candidate runs in the same process, interleaved: each repetition times every candidate
+once (in a rotating order) before the next repetition starts, so load from other processes
+hits all of them alike; the reported time is the median over the repetitions.
+
+Candidates:
+
+* ``<model>``: ours, as ``timm.create_model(<model>)`` gives it (``optimize=True`` adds, for
+  inference only, the documented one-line :func:`epsanet.layers.fold_bn.optimize_for_inference`);
+* ``reference``: :func:`epsanet.reference.create_reference`, the literal authors'-style network,
+  holding the *same weights* (ours loads the reference's authors'-layout checkpoint through
+  :func:`epsanet.models.epsanet.checkpoint_filter_fn`); for every inference setting the logits
+  of ours and the reference on the same input are compared (``max_abs_diff``);
+* baselines: any timm model name, by default ``resnet50`` and ``seresnet50``.
+
+Measurements:
+
+* inference: one ``model(x)`` under ``torch.inference_mode``, model in eval mode;
+* train: forward, cross-entropy loss, backward, SGD step (momentum 0.9) and
+  ``zero_grad(set_to_none=True)``, model in train mode, on a copy of the model;
+* img/s = batch size / median step time; latency = median step time;
+* peak memory (``measure_memory``): the growth of the resident set size of a *fresh* process
+  (``python -m epsanet.benchmark --probe``) over two steps: peak RSS minus the RSS just before
+  the first step. The peak is ``ru_maxrss`` when the steps raised it, else the largest RSS a
+  thread sampling ``/proc/self/statm`` every 0.5 ms saw (Linux only). glibc is told to serve
+  every allocation over 64 KiB with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed tensors
+  leave the RSS at once and the number tracks live tensor memory. It covers activations,
+  gradients, optimizer state and allocator overhead, not the weights and libraries loaded
+  before the step.
+"""
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['BenchmarkReport', 'Setting', 'TARGETS', 'build_candidates', 'run_benchmark']
+
+MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
+DTYPES = ('fp32', 'bf16')
+MODES = ('infer', 'train')
+REFERENCE = 'reference'
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One measured configuration."""
+    mode: str = 'infer'
+    batch_size: int = 8
+    img_size: int = 224
+    memory_format: str = 'nchw'
+    dtype: str = 'fp32'
+
+    def label(self) -> str:
+        return f'{self.mode} {self.memory_format} {self.dtype} b{self.batch_size} {self.img_size}px'
+
+
+@dataclass
+class Row:
+    candidate: str
+    setting: Setting
+    compiled: bool
+    times_ms: List[float]
+    median_ms: float
+    min_ms: float
+    img_per_s: float
+    vs_reference: Optional[float] = None  # img/s over the reference's img/s in the same setting
+    max_abs_diff: Optional[float] = None  # max |logits - reference logits| (ours, inference only)
+    peak_mem_mib: Optional[float] = None
+
+
+# (description, mode, memory format, candidate, compared with, kind, threshold)
+TARGETS = (
+    ('inference, NCHW, ours vs reference', 'infer', 'nchw', None, REFERENCE, 'speed', 2.0),
+    ('inference, channels_last, ours vs reference', 'infer', 'channels_last', None, REFERENCE, 'speed', 1.3),
+    ('training step, NCHW, ours vs reference', 'train', 'nchw', None, REFERENCE, 'speed', 2.0),
+    ('inference, channels_last, ours vs resnet50', 'infer', 'channels_last', None, 'resnet50', 'speed', 0.9),
+    ('peak training memory, NCHW, ours / reference', 'train', 'nchw', None, REFERENCE, 'memory', 0.9),
+)
+
+
+@dataclass
+class BenchmarkReport:
+    model: str
+    rows: List[Row]
+    memory_rows: List[Row]
+    targets: List[Dict[str, Any]]
+    config: Dict[str, Any]
+    environment: Dict[str, Any]
+    logits_ok: Optional[bool] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        env = self.environment
+        lines = [
+            f'### {self.model}: throughput (median of {self.config["reps"]} interleaved runs, '
+            f'train: {self.config["train_reps"]})',
+            '',
+            f'torch {env["torch"]}, timm {env["timm"]}, {env["threads"]} threads, {env["cpu"]}',
+            '',
+            '| candidate | mode | format | dtype | batch | img | img/s | latency ms | vs reference '
+            '| max abs diff logits |',
+            '|---|---|---|---|---|---|---:|---:|---:|---:|',
+        ]
+        for r in self.rows:
+            s = r.setting
+            name = r.candidate + (' (compiled)' if r.compiled else '')
+            lines.append(
+                f'| {name} | {s.mode} | {s.memory_format} | {s.dtype} | {s.batch_size} | {s.img_size} '
+                f'| {r.img_per_s:.1f} | {r.median_ms:.1f} | {_fmt(r.vs_reference, "{:.2f}x")} '
+                f'| {_fmt(r.max_abs_diff, "{:.1e}")} |')
+        if self.memory_rows:
+            lines += [
+                '', '### Peak memory (RSS growth of a fresh process over two steps)', '',
+                '| candidate | mode | format | dtype | batch | img | peak MiB | vs reference |',
+                '|---|---|---|---|---|---|---:|---:|',
+            ]
+            for r in self.memory_rows:
+                s = r.setting
+                lines.append(
+                    f'| {r.candidate} | {s.mode} | {s.memory_format} | {s.dtype} | {s.batch_size} '
+                    f'| {s.img_size} | {r.peak_mem_mib:.0f} | {_fmt(r.vs_reference, "{:.2f}x")} |')
+        if self.targets:
+            lines += ['', '### Targets', '', '| target | measured | needed | met |', '|---|---:|---:|---|']
+            for t in self.targets:
+                op = '<=' if t['kind'] == 'memory' else '>='
+                lines.append(
+                    f'| {t["description"]} ({t["setting"]}) | {_fmt(t["measured"], "{:.2f}x")} '
+                    f'| {op} {t["threshold"]:.2f}x | {_fmt(t["met"], "{}")} |')
+        lines += ['', f'logits within {self.config["tol"]:g} of the reference (fp32): {_fmt(self.logits_ok, "{}")}']
+        lines += [f'- {n}' for n in self.notes]
+        return '\n'.join(lines) + '\n'
+
+    def save(self, json_path: Optional[str] = None, markdown_path: Optional[str] = None) -> None:
+        """Write the JSON and/or markdown report atomically."""
+        if json_path:
+            _atomic_write(json_path, json.dumps(self.to_dict(), indent=2) + '\n')
+        if markdown_path:
+            _atomic_write(markdown_path, self.to_markdown())
+
+
+def _fmt(value, pattern: str) -> str:
+    return '-' if value is None else pattern.format(value)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _check_names(model_name: str, baselines: Sequence[str]) -> None:
+    import timm
+
+    import epsanet
+
+    if model_name not in epsanet.MODEL_NAMES:
+        raise ValueError(f'Unknown EPSANet model {model_name!r}: choose one of {", ".join(epsanet.MODEL_NAMES)}.')
+    for name in baselines:
+        if name in (REFERENCE, model_name):
+            raise ValueError(f'Baseline {name!r} is always measured; list other timm models as baselines.')
+        if not timm.is_model(name):
+            raise ValueError(f'Unknown baseline {name!r}: it is not a timm model name (see timm.list_models()).')
+
+
+def build_candidates(
+        model_name: str = 'epsanet50',
+        baselines: Sequence[str] = ('resnet50', 'seresnet50'),
+        seed: int = 0,
+) -> Dict[str, nn.Module]:
+    """Ours, the reference holding the same weights, and the baselines, all on CPU in eval mode."""
+    import timm
+
+    from .models.epsanet import checkpoint_filter_fn
+    from .reference import authors_checkpoint, create_reference
+
+    _check_names(model_name, baselines)
+    torch.manual_seed(seed)
+    reference = create_reference(model_name)
+    ours = timm.create_model(model_name)
+    state = checkpoint_filter_fn(authors_checkpoint(reference, arch=model_name), ours)
+    ours.load_state_dict(state)
+    candidates = {model_name: ours, REFERENCE: reference}
+    for name in baselines:
+        candidates[name] = timm.create_model(name)
+    return {k: m.eval() for k, m in candidates.items()}
+
+
+def _autocast(dtype: str):
+    return torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bf16')
+
+
+def _make_step(model: nn.Module, setting: Setting, compiled: bool, seed: int) -> Tuple[Callable[[], Any], nn.Module]:
+    """A closure running one inference or training step of ``model`` in ``setting``."""
+    fmt = MEMORY_FORMATS[setting.memory_format]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size, generator=gen)
+    x = x.contiguous(memory_format=fmt)
+    if setting.mode == 'infer':
+        model = model.eval().to(memory_format=fmt)
+        run = torch.compile(model) if compiled else model
+
+        def infer():
+            with torch.inference_mode(), _autocast(setting.dtype):
+                return run(x)
+        return infer, model
+
+    model = copy.deepcopy(model).train().to(memory_format=fmt)  # keeps the shared weights unchanged
+    run = torch.compile(model) if compiled else model
+    target = torch.randint(0, 1000, (setting.batch_size,), generator=gen) % _num_classes(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step():
+        with _autocast(setting.dtype):
+            loss = F.cross_entropy(run(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return train_step, model
+
+
+def _num_classes(model: nn.Module) -> int:
+    fc = getattr(model, 'fc', None)
+    return getattr(fc, 'out_features', 1000)
+
+
+def _max_abs_diff(ours: nn.Module, reference: nn.Module, setting: Setting, seed: int) -> float:
+    fmt = MEMORY_FORMATS[setting.memory_format]
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size, generator=gen)
+    x = x.contiguous(memory_format=fmt)
+    with torch.inference_mode(), _autocast(setting.dtype):
+        a = ours.eval().to(memory_format=fmt)(x).float()
+        b = reference.eval().to(memory_format=fmt)(x).float()
+    return (a - b).abs().max().item()
+
+
+def time_setting(
+        candidates: Dict[str, nn.Module],
+        setting: Setting,
+        reps: int,
+        warmup: int = 1,
+        compiled: bool = False,
+        seed: int = 0,
+        tick: Optional[Callable[[], None]] = None,
+) -> List[Row]:
+    """Time every candidate in ``setting``, interleaved, and return one row per candidate."""
+    names = list(candidates)
+    steps = {n: _make_step(m, setting, compiled, seed)[0] for n, m in candidates.items()}
+    for _ in range(warmup + (1 if compiled else 0)):
+        for n in names:
+            steps[n]()
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no fixed position
+        for n in order:
+            t0 = time.perf_counter()
+            steps[n]()
+            times[n].append((time.perf_counter() - t0) * 1000)
+            if tick is not None:
+                tick()
+    rows = []
+    for n in names:
+        ts = sorted(times[n])
+        med = ts[len(ts) // 2] if len(ts) % 2 else 0.5 * (ts[len(ts) // 2 - 1] + ts[len(ts) // 2])
+        rows.append(Row(n, setting, compiled, times[n], med, ts[0], setting.batch_size * 1000. / med))
+    ref = next((r for r in rows if r.candidate == REFERENCE), None)
+    if ref is not None:
+        for r in rows:
+            r.vs_reference = r.img_per_s / ref.img_per_s
+    return rows
+
+
+def measure_peak_memory(
+        candidate: str,
+        model_name: str,
+        setting: Setting,
+        optimize: bool = False,
+        steps: int = 2,
+        timeout: float = 900.,
+) -> float:
+    """Peak RSS growth (MiB) of a fresh process running ``steps`` steps of one candidate."""
+    spec = dict(candidate=candidate, model=model_name, setting=asdict(setting), optimize=optimize, steps=steps,
+                threads=torch.get_num_threads())
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'epsanet.benchmark', '--probe', json.dumps(spec)],
+        capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f'memory probe for {candidate} failed:\n{proc.stderr[-2000:]}')
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])['peak_mib'])
+
+
+def _rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _probe(spec: Dict[str, Any]) -> Dict[str, float]:
+    """Body of the ``--probe`` subprocess: build one candidate, run steps, report the RSS peak."""
+    import timm
+
+    import epsanet  # noqa: F401  (registers the models)
+
+    from .reference import create_reference
+
+    torch.set_num_threads(spec['threads'])
+    name = spec['candidate']
+    if name == REFERENCE:
+        model = create_reference(spec['model'])
+    else:
+        model = timm.create_model(name)
+        if spec['optimize'] and name == spec['model'] and spec['setting']['mode'] == 'infer':
+            from .layers.fold_bn import optimize_for_inference
+            model = optimize_for_inference(model.eval())
+    step, model = _make_step(model, Setting(**spec['setting']), False, seed=0)
+    before = _rss_bytes()
+    max_before = _max_rss_bytes()
+    sampled = [before]
+    done = threading.Event()
+
+    def sample():  # torch ops release the GIL, so this sees the RSS while they run
+        while not done.is_set():
+            sampled[0] = max(sampled[0], _rss_bytes())
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(spec['steps']):
+            step()
+    finally:
+        done.set()
+        sampler.join()
+    max_after = _max_rss_bytes()
+    # exact when the steps raised the process' all-time peak, else the sampled peak
+    peak = max_after if max_after > max_before else sampled[0]
+    return {'peak_mib': (max(peak, sampled[0]) - before) / 2 ** 20}
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _environment() -> Dict[str, Any]:
+    import timm
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+    except OSError:
+        pass
+    return dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
+                threads=torch.get_num_threads(), cpu=cpu, cores=os.cpu_count())
+
+
+def _pick(pool: List[Row], name: str, mode: str, fmt: str, main: Optional[Setting]) -> Optional[Row]:
+    """The uncompiled fp32 row of ``name`` in ``mode``/``fmt`` (at ``main``'s batch and size if given)."""
+    for r in pool:
+        s = r.setting
+        if (r.candidate == name and not r.compiled and s.mode == mode and s.memory_format == fmt
+                and s.dtype == 'fp32' and (main is None or (s.batch_size, s.img_size) == (main.batch_size,
+                                                                                         main.img_size))):
+            return r
+    return None
+
+
+def _evaluate_targets(model_name: str, rows: List[Row], memory_rows: List[Row], main: Setting) -> List[Dict]:
+    out = []
+    for desc, mode, fmt, cand, other, kind, threshold in TARGETS:
+        pool, at = (memory_rows, None) if kind == 'memory' else (rows, main)
+        a, b = _pick(pool, cand or model_name, mode, fmt, at), _pick(pool, other, mode, fmt, at)
+        if a is None or b is None:
+            continue
+        if kind == 'memory':
+            measured = a.peak_mem_mib / b.peak_mem_mib if b.peak_mem_mib else None
+            met = None if measured is None else measured <= threshold
+        else:
+            measured = a.img_per_s / b.img_per_s
+            met = measured >= threshold
+        out.append(dict(description=desc, setting=a.setting.label(), kind=kind, threshold=threshold,
+                        measured=measured, met=met))
+    return out
+
+
+def run_benchmark(
+        model_name: str = 'epsanet50',
+        batch_size: int = 8,
+        img_size: int = 224,
+        modes: Sequence[str] = MODES,
+        memory_formats: Sequence[str] = ('nchw', 'channels_last'),
+        dtypes: Sequence[str] = ('fp32',),
+        baselines: Sequence[str] = ('resnet50', 'seresnet50'),
+        batch_sweep: Sequence[int] = (1, 16),
+        img_sweep: Sequence[int] = (160, 288),
+        compile: bool = False,
+        reps: int = 5,
+        train_reps: int = 3,
+        measure_memory: bool = True,
+        memory_batch_size: int = 16,
+        memory_modes: Sequence[str] = ('train',),
+        optimize: bool = False,
+        tol: float = 1e-4,
+        seed: int = 0,
+        progress: bool = True,
+) -> BenchmarkReport:
+    """Measure ``model_name`` against the reference and ``baselines``; see the module docstring.
+
+    The main settings are every combination of ``modes`` x ``memory_formats`` x ``dtypes`` at
+    ``batch_size`` and ``img_size``. The sweeps add inference runs (first memory format,
+    fp32) of ours and the reference at the other batch sizes in ``batch_sweep`` and image sizes
+    in ``img_sweep``. ``compile=True`` measures the ``torch.compile``'d candidates as well (slow
+    to warm up). Peak memory is measured for every candidate in ``memory_modes``, training at
+    ``memory_batch_size`` and inference at ``batch_size``, first memory format, fp32; each
+    measurement starts a fresh process (a few seconds each).
+    """
+    from tqdm import tqdm
+
+    _check_names(model_name, baselines)
+    for values, allowed, what in ((modes, MODES, 'mode'), (memory_formats, tuple(MEMORY_FORMATS), 'memory format'),
+                                  (dtypes, DTYPES, 'dtype'), (memory_modes, MODES, 'memory mode')):
+        bad = [v for v in values if v not in allowed]
+        if bad or (not values and what != 'memory mode'):
+            raise ValueError(f'Unknown or missing {what} {bad}: choose from {", ".join(allowed)}.')
+    for n in (batch_size, img_size, reps, train_reps, memory_batch_size, *batch_sweep, *img_sweep):
+        if int(n) < 1:
+            raise ValueError(f'Batch sizes, image sizes and repetition counts must be >= 1, got {n}.')
+    if img_size < 32 or any(s < 32 for s in img_sweep):
+        raise ValueError('Image sizes must be at least 32 px (the network downsamples by 32).')
+
+    candidates = build_candidates(model_name, baselines, seed=seed)
+    infer_candidates = dict(candidates)
+    if optimize:
+        from .layers.fold_bn import optimize_for_inference
+        infer_candidates[model_name] = optimize_for_inference(copy.deepcopy(candidates[model_name]))
+    main = [Setting(m, batch_size, img_size, f, d) for m in modes for f in memory_formats for d in dtypes]
+    sweep = [Setting('infer', b, img_size, memory_formats[0], 'fp32') for b in batch_sweep if b != batch_size]
+    sweep += [Setting('infer', batch_size, s, memory_formats[0], 'fp32') for s in img_sweep if s != img_size]
+    sweep_candidates = {k: infer_candidates[k] for k in (model_name, REFERENCE)}
+    plan = [(s, infer_candidates if s.mode == 'infer' else candidates) for s in main]
+    plan += [(s, sweep_candidates) for s in sweep]
+    compiled_flags = (False, True) if compile else (False,)
+    total = sum(len(c) * (reps if s.mode == 'infer' else train_reps) for s, c in plan) * len(compiled_flags)
+
+    rows: List[Row] = []
+    logits_ok: Optional[bool] = None
+    with tqdm(total=total, desc=f'benchmark {model_name}', disable=not progress, unit='step') as bar:
+        for setting, cands in plan:
+            diff = None
+            if setting.mode == 'infer':
+                diff = _max_abs_diff(cands[model_name], cands[REFERENCE], setting, seed)
+                if setting.dtype == 'fp32':
+                    logits_ok = (logits_ok is not False) and diff <= tol
+            for compiled in compiled_flags:
+                bar.set_postfix_str(setting.label() + (' compiled' if compiled else ''))
+                n_reps = reps if setting.mode == 'infer' else train_reps
+                new = time_setting(cands, setting, n_reps, compiled=compiled, seed=seed, tick=bar.update)
+                for r in new:
+                    if r.candidate == model_name:
+                        r.max_abs_diff = diff
+                rows += new
+
+    memory_rows: List[Row] = []
+    if measure_memory:
+        mem_settings = [Setting(m, memory_batch_size if m == 'train' else batch_size, img_size,
+                                memory_formats[0], 'fp32') for m in memory_modes]
+        names = list(candidates)
+        for setting in tqdm(mem_settings, desc='peak memory', disable=not progress):
+            for name in names:
+                peak = measure_peak_memory(name, model_name, setting, optimize=optimize)
+                memory_rows.append(Row(name, setting, False, [], 0., 0., 0., peak_mem_mib=peak))
+            ref = next(r for r in memory_rows if r.candidate == REFERENCE and r.setting == setting)
+            for r in memory_rows:
+                if r.setting == setting and ref.peak_mem_mib > 0:
+                    r.vs_reference = r.peak_mem_mib / ref.peak_mem_mib
+
+    config = dict(model=model_name, batch_size=batch_size, img_size=img_size, modes=list(modes),
+                  memory_formats=list(memory_formats), dtypes=list(dtypes), baselines=list(baselines),
+                  batch_sweep=list(batch_sweep), img_sweep=list(img_sweep), compile=compile, reps=reps,
+                  train_reps=train_reps, measure_memory=measure_memory, memory_batch_size=memory_batch_size,
+                  memory_modes=list(memory_modes),
+                  optimize=optimize, tol=tol, seed=seed)
+    targets = _evaluate_targets(model_name, rows, memory_rows, Setting('infer', batch_size, img_size))
+    notes = []
+    if optimize:
+        notes.append(f'{model_name} inference runs after `optimize_for_inference(model)` '
+                     '(epsanet.layers.fold_bn: BatchNorm folded into the convs); training uses the model as created.')
+    return BenchmarkReport(model_name, rows, memory_rows, targets, config, _environment(), logits_ok, notes)
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == '--probe':
+        print(json.dumps(_probe(json.loads(argv[1]))))
+        return 0
+    print('usage: epsanet benchmark ...  (this module is the Python API; `--probe` is internal)', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+    sys.exit(_main())

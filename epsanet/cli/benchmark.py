@@ -1,0 +1,59 @@
+"""``epsanet benchmark``: speed and memory of an EPSANet against the reference and timm ResNets."""
+import argparse
+
+COMMAND = 'benchmark'
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        COMMAND, help='throughput, latency and peak memory vs the reference network and timm ResNets',
+        description='Times ours, the authors-style reference network (same weights, logits compared) and timm '
+                    'baselines interleaved in one process; reports medians as a markdown table and JSON.')
+    p.add_argument('--model', default='epsanet50', help='EPSANet model name (default: epsanet50)')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
+    p.add_argument('--formats', nargs='+', default=['nchw', 'channels_last'], choices=['nchw', 'channels_last'])
+    p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=['fp32', 'bf16'],
+                   help='bf16 runs under torch.autocast (CPU)')
+    p.add_argument('--baselines', nargs='*', default=['resnet50', 'seresnet50'], help='timm model names')
+    p.add_argument('--batch-sweep', nargs='*', type=int, default=[1, 16], help='extra inference batch sizes')
+    p.add_argument('--img-sweep', nargs='*', type=int, default=[160, 288], help='extra inference image sizes')
+    p.add_argument('--compile', action='store_true', help='also measure torch.compile (minutes of warm-up)')
+    p.add_argument('--reps', type=int, default=5, help='timed inference runs per candidate (median)')
+    p.add_argument('--train-reps', type=int, default=3, help='timed training steps per candidate (median)')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory probes')
+    p.add_argument('--memory-batch-size', type=int, default=16)
+    p.add_argument('--memory-modes', nargs='*', default=['train'], choices=['infer', 'train'])
+    p.add_argument('--optimize', action='store_true',
+                   help='run our inference after optimize_for_inference(model) (BatchNorm folded)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    p.add_argument('--json', default='benchmark.json', help='JSON output path (default: benchmark.json)')
+    p.add_argument('--markdown', default=None, help='also write the markdown table to this path')
+    p.add_argument('--no-progress', action='store_true')
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..benchmark import run_benchmark
+    from . import CLIError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f'--threads must be >= 1, got {args.threads}.')
+        torch.set_num_threads(args.threads)
+    try:
+        report = run_benchmark(
+            args.model, batch_size=args.batch_size, img_size=args.img_size, modes=args.modes,
+            memory_formats=args.formats, dtypes=args.dtypes, baselines=args.baselines,
+            batch_sweep=args.batch_sweep, img_sweep=args.img_sweep, compile=args.compile, reps=args.reps,
+            train_reps=args.train_reps, measure_memory=not args.no_memory, memory_batch_size=args.memory_batch_size,
+            memory_modes=args.memory_modes, optimize=args.optimize, progress=not args.no_progress)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(report.to_markdown())
+    report.save(json_path=args.json, markdown_path=args.markdown)
+    print(f'wrote {args.json}' + (f' and {args.markdown}' if args.markdown else ''))
+    return 0

@@ -1,0 +1,54 @@
+"""Fold BatchNorm into the preceding conv for inference: ``optimize_for_inference(model)``.
+
+In eval mode a BatchNorm is a fixed per-channel affine map, so a conv followed directly by a
+BN equals one conv with scaled weights and a bias. EPSANet folds every such pair: the stem,
+``conv1/bn1`` and ``conv3/bn3`` of each block and the shortcut's conv/BN. The BN after PSA
+(``bn2``) stays: the PSA attention sits between the branch convs and it. Outputs match the
+unfolded model within float rounding (about 1e-6 relative); training needs the unfolded model.
+"""
+from typing import Tuple
+
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ['fold_batchnorm', 'optimize_for_inference']
+
+_PAIRS: Tuple[Tuple[str, str], ...] = (('conv1', 'bn1'), ('conv3', 'bn3'))
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
+            and bn.running_mean is not None and conv.out_channels == bn.num_features)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold conv -> BN pairs of an EPSANet (timm ``ResNet`` with PSA blocks) in place; returns it.
+
+    Raises:
+        ValueError: if ``model`` is in training mode (batch statistics cannot be folded).
+    """
+    from ..models.epsanet import PSABottleneck
+
+    if model.training:
+        raise ValueError('fold_batchnorm needs an eval-mode model: call model.eval() first.')
+    for module in model.modules():
+        if isinstance(module, PSABottleneck) or module is model:
+            for conv_name, bn_name in _PAIRS:
+                conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+                if conv is not None and bn is not None and _foldable(conv, bn):
+                    setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                    setattr(module, bn_name, nn.Identity())
+        if isinstance(module, PSABottleneck) and isinstance(module.downsample, nn.Sequential):
+            ds = module.downsample
+            if len(ds) == 2 and _foldable(ds[0], ds[1]):
+                module.downsample = nn.Sequential(fuse_conv_bn_eval(ds[0], ds[1]), nn.Identity())
+    return model
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """The one-line inference setting: ``model = optimize_for_inference(model.eval())``.
+
+    Folds BatchNorm into the preceding convs (:func:`fold_batchnorm`). Numerically the same
+    network; it can no longer be trained (re-create it to fine-tune).
+    """
+    return fold_batchnorm(model.eval())

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=int, default=2, help='example batch size (default: 2)')
     parser.add_argument('--static-batch', action='store_true', help='fix the batch axis (default: dynamic)')
     parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default: 17)')
-    parser.add_argument('--method', choices=('script', 'trace'), default='script', help='TorchScript method')
+    parser.add_argument(
+        '--method', choices=('trace', 'script'), default='trace', help='TorchScript method (default: trace)')
     parser.add_argument('--atol', type=float, default=1e-4, help='max |difference| allowed by the check')
     parser.add_argument('--no-check', action='store_true', help='skip reloading and comparing the file')
     return parser

@@ -1,0 +1,33 @@
+"""``epsanet train``: fine-tune or train a model on an ImageFolder (also under torchrun)."""
+import argparse
+
+COMMAND = 'train'
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..train.config import TrainConfig
+    from ..train.flags import add_config_arguments
+
+    parser = subparsers.add_parser(
+        COMMAND, help='fine-tune or train a model on an ImageFolder',
+        description='Train on DATA_DIR/train/<class>/<image>, validate on DATA_DIR/val/... each epoch. Flags follow '
+                    "timm's train.py. Multi-GPU: torchrun --nproc_per_node N -m epsanet train ...")
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import DataError
+    from ..train import TrainConfig, TrainError, train
+    from ..train.flags import config_from_args
+    from . import CLIError
+
+    try:
+        result = train(config_from_args(TrainConfig, args))
+    except (DataError, TrainError) as e:
+        raise CLIError(str(e)) from e
+    if result.best_top1 is not None:
+        print(f'Best top-1 {result.best_top1:.2f}% at epoch {result.best_epoch}: {result.weights}')
+    else:
+        print(f'Done ({result.epochs_completed} epochs, no validation split): {result.weights}')
+    return 0

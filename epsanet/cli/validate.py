@@ -1,0 +1,34 @@
+"""``epsanet validate``: top-1, top-5, loss and img/s of weights on an ImageFolder split."""
+import argparse
+import json
+
+COMMAND = 'validate'
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..train.flags import add_config_arguments
+    from ..train.validate import ValidateConfig
+
+    parser = subparsers.add_parser(
+        COMMAND, help='validate weights on an ImageFolder split',
+        description="Evaluate with the model's eval transform (resize + centre crop). Flags follow timm's validate.py.")
+    add_config_arguments(parser, ValidateConfig)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import DataError
+    from ..train import TrainError
+    from ..train.flags import config_from_args
+    from ..train.validate import ValidateConfig, validate
+    from . import CLIError
+
+    try:
+        results = validate(config_from_args(ValidateConfig, args))
+    except (DataError, TrainError) as e:
+        raise CLIError(str(e)) from e
+    print(f'top-1 {results["top1"]:.2f}%  top-5 {results["top5"]:.2f}%  loss {results["loss"]:.4f}  '
+          f'{results["img_per_sec"]:.1f} img/s  ({results["count"]} images at {results["img_size"]} px)')
+    if 'per_class' in results:
+        print(json.dumps(results['per_class'], indent=1))
+    return 0

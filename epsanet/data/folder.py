@@ -1,0 +1,215 @@
+"""ImageFolder data sets (``root/<split>/<class>/<image>``) with clear errors and safe loading.
+
+The reader is torchvision's folder scan; what this module adds is what a user needs when the
+data is not perfect: an error that says what is wrong with the folder, images in any mode
+converted to RGB (:func:`~epsanet.data.image.load_image`), and unreadable files skipped with
+their path logged and counted (or, with ``strict=True``, a failure naming them).
+"""
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from .image import UNREADABLE_ERRORS, load_image
+
+__all__ = [
+    'DataError', 'UnreadableImageError', 'ImageFiles', 'ImageFolder', 'find_images', 'split_dir', 'check_same_classes',
+    'verify_files', 'unreadable_error',
+]
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+class DataError(ValueError):
+    """The data on disk is not usable as given; the message says what to change."""
+
+
+class UnreadableImageError(DataError):
+    """An image file could not be decoded (raised with ``strict=True``)."""
+
+
+def is_image_file(path: PathLike) -> bool:
+    return str(path).lower().endswith(IMG_EXTENSIONS)
+
+
+def find_images(root: PathLike) -> List[Path]:
+    """Every image file under ``root`` (recursively, following links), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f'{root} is not a directory: pass the folder that holds the images.')
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith('.') and is_image_file(f))
+    return sorted(found)
+
+
+def split_dir(data_dir: PathLike, split: str) -> Path:
+    """``data_dir/split``, or a :class:`DataError` that says what the folder looks like instead."""
+    data_dir = Path(data_dir)
+    if not str(data_dir) or not data_dir.exists():
+        raise DataError(f'data dir {data_dir} does not exist: pass --data-dir pointing to a folder with '
+                        f'{split}/<class>/<image> inside.')
+    if not data_dir.is_dir():
+        raise DataError(f'data dir {data_dir} is a file, not a folder.')
+    path = data_dir / split
+    if not path.is_dir():
+        present = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
+        hint = f'it has the subfolders: {", ".join(present)}' if present else 'it has no subfolders'
+        raise DataError(f'data dir {data_dir} has no "{split}" subfolder ({hint}). Expected the layout '
+                        f'{data_dir}/{split}/<class>/<image>; choose the split names with --train-split/--val-split.')
+    return path
+
+
+def _scan_classes(root: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
+    if not classes:
+        what = f'{len(loose)} images lie directly in it' if loose else 'it is empty'
+        raise DataError(f'{root} has no class subfolders ({what}). Put the images of each class in their own '
+                        f'subfolder: {root}/<class>/<image>.')
+    if loose:
+        _logger.warning('%d images lie directly in %s, outside any class folder: they are ignored.', len(loose), root)
+    samples, empty = [], []
+    for index, name in enumerate(classes):
+        images = find_images(root / name)
+        if not images:
+            empty.append(name)
+        samples.extend((str(p), index) for p in images)
+    if empty:
+        raise DataError(f'{len(empty)} class folders of {root} hold no images ({", ".join(empty[:10])}'
+                        f'{", ..." if len(empty) > 10 else ""}); add images or remove the folders. '
+                        f'Image files end with one of {", ".join(IMG_EXTENSIONS)}.')
+    return classes, samples
+
+
+def unreadable_error(bad: Sequence[Tuple[str, str]], where: PathLike) -> UnreadableImageError:
+    """The ``--strict`` error listing unreadable files (``bad`` from :func:`verify_files`)."""
+    listing = '\n'.join(f'  {p}: {reason}' for p, reason in bad[:20])
+    more = f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else ''
+    return UnreadableImageError(f'{len(bad)} unreadable images under {where} (--strict):\n{listing}{more}\n'
+                                'Remove or replace them, or drop --strict to skip and count them.')
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], train_root: PathLike,
+                       val_root: PathLike) -> None:
+    """Raise a :class:`DataError` naming the classes that only one split has."""
+    if list(train_classes) == list(val_classes):
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    parts = []
+    if only_train:
+        parts.append(f'only in {train_root}: {", ".join(only_train)}')
+    if only_val:
+        parts.append(f'only in {val_root}: {", ".join(only_val)}')
+    raise DataError(f'the train and val splits have different classes ({"; ".join(parts)}). Both splits need '
+                    'the same class folders, or the labels would not mean the same thing.')
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>`` as (image, class index) samples, classes in sorted folder order.
+
+    Unreadable files: with ``strict=False`` the sample is replaced by the next readable one, the
+    path is logged once per process and :attr:`num_skipped` counts every skip (shared across
+    DataLoader worker processes); with ``strict=True`` an :class:`UnreadableImageError` is raised.
+    ``transform`` is set by timm's ``create_loader``.
+    """
+
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None, strict: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f'{self.root} does not exist or is not a folder.')
+        self.classes, self.samples = _scan_classes(self.root)
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+        self.strict = strict
+        self._skipped = multiprocessing.Value('i', 0)
+        self._logged = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_skipped(self) -> int:
+        """How many times an unreadable image was skipped since the last :meth:`reset_skipped`."""
+        return self._skipped.value
+
+    def reset_skipped(self) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value = 0
+
+    def filename(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = load_image(path)
+            except UNREADABLE_ERRORS as e:
+                if self.strict:
+                    raise UnreadableImageError(f'cannot read image {path} ({e}); remove or replace it, '
+                                               'or drop --strict to skip unreadable images') from e
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                if path not in self._logged:
+                    self._logged.add(path)
+                    _logger.warning('skipped unreadable image %s (%s)', path, e)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, target
+        raise DataError(f'none of the {len(self.samples)} images under {self.root} can be read.')
+
+    def verify(self, progress: bool = True) -> List[Tuple[str, str]]:
+        """Decode every image once; return ``(path, reason)`` for those that fail."""
+        return verify_files([p for p, _ in self.samples], desc=f'checking {self.root.name}', progress=progress)
+
+
+def verify_files(paths: Sequence[PathLike], desc: str = 'checking images',
+                 progress: bool = True) -> List[Tuple[str, str]]:
+    """Decode every image once; return ``(path, reason)`` for those that fail."""
+    bad = []
+    for path in tqdm(paths, desc=desc, disable=not progress, leave=False):
+        try:
+            load_image(path)
+        except UNREADABLE_ERRORS as e:
+            bad.append((str(path), str(e)))
+    return bad
+
+
+class ImageFiles(Dataset):
+    """A flat list of image files as ``(image, index)`` samples, for feature extraction.
+
+    Unlike :class:`ImageFolder`, an unreadable file is not replaced by another image: its sample
+    comes back with index ``-1`` (and a blank image) so the caller can drop it and its path.
+    """
+
+    def __init__(self, paths: Sequence[PathLike], transform: Optional[Callable] = None, strict: bool = False):
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            img = load_image(path)
+        except UNREADABLE_ERRORS as e:
+            if self.strict:
+                raise UnreadableImageError(f'cannot read image {path} ({e}); remove or replace it, or drop '
+                                           '--strict to skip unreadable images') from e
+            _logger.warning('skipped unreadable image %s (%s)', path, e)
+            img, index = Image.new('RGB', (32, 32)), -1
+        return (self.transform(img) if self.transform is not None else img), index

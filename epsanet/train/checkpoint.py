@@ -1,0 +1,142 @@
+"""Checkpoints: model weights as safetensors plus a training-state file for ``--resume``.
+
+A run directory holds
+
+* ``last.safetensors``: the latest weights, loadable by timm with
+  ``timm.create_model(name, pretrained=True, num_classes=n, pretrained_cfg_overlay=dict(file=path, num_classes=n))``;
+* ``last.state.pth``: optimizer, loss scaler, EMA weights, epoch, metrics history: only tensors
+  and plain Python values, read back with ``torch.load(weights_only=True)``;
+* ``best.safetensors``: the weights with the best validation top-1 so far.
+
+Every file is written to a temporary file in the same folder and renamed over the old one, so an
+interrupted write (full disk, power loss) leaves the previous checkpoint intact.
+"""
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+__all__ = [
+    'atomic_write', 'save_weights', 'read_weights_metadata', 'save_state', 'load_state', 'resolve_resume',
+    'WEIGHTS_SUFFIX', 'STATE_SUFFIX',
+]
+
+WEIGHTS_SUFFIX = '.safetensors'
+STATE_SUFFIX = '.state.pth'
+_META_PREFIX = 'epsanet.'
+
+PathLike = Union[str, os.PathLike]
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()  # mkstemp makes 0600 files; finished files get the usual permissions
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    On any failure the temporary file is removed and ``path`` is untouched. ``OSError`` becomes a
+    :class:`CheckpointError` that says so (and names a full disk when that is the cause).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        reason = 'the disk is full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        previous = 'the previous version of it is intact' if path.exists() else 'no previous version existed'
+        raise CheckpointError(f'could not write {path}: {reason}; {previous}. Free space (or choose another '
+                              '--output) and resume from the last checkpoint with --resume.') from e
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def save_weights(path: PathLike, state_dict: Dict[str, torch.Tensor],
+                 metadata: Optional[Dict[str, Any]] = None) -> None:
+    """Write ``state_dict`` as safetensors; ``metadata`` values are stored as JSON under ``epsanet.<key>``."""
+    tensors = {k: v.detach().to('cpu').contiguous() for k, v in state_dict.items()}
+    meta = {'format': 'pt'}
+    meta.update({_META_PREFIX + k: json.dumps(v) for k, v in (metadata or {}).items()})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_weights_metadata(path: PathLike) -> Dict[str, Any]:
+    """The ``epsanet.*`` metadata of a safetensors file written by :func:`save_weights` (may be empty)."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f'cannot read {path} as safetensors ({e}).') from e
+    out = {}
+    for k, v in raw.items():
+        if k.startswith(_META_PREFIX):
+            try:
+                out[k[len(_META_PREFIX):]] = json.loads(v)
+            except json.JSONDecodeError:
+                out[k[len(_META_PREFIX):]] = v
+    return out
+
+
+def save_state(path: PathLike, state: Dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: PathLike) -> Dict[str, Any]:
+    """Read a training-state file without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f'training state {path} does not exist.') from e
+    except Exception as e:  # torch raises pickle.UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(f'cannot read training state {path} ({type(e).__name__}: {e}). It is corrupt or not '
+                              'a file written by "epsanet train".') from e
+    if not isinstance(state, dict) or 'epoch' not in state or 'optimizer' not in state:
+        raise CheckpointError(f'{path} is not a training state written by "epsanet train" (no epoch/optimizer).')
+    return state
+
+
+def resolve_resume(path: PathLike) -> Dict[str, Path]:
+    """Accept a run folder, ``<tag>.state.pth`` or ``<tag>.safetensors``; return both file paths."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f'last{STATE_SUFFIX}'
+    name = path.name
+    if name.endswith(STATE_SUFFIX):
+        stem = name[:-len(STATE_SUFFIX)]
+    elif name.endswith(WEIGHTS_SUFFIX):
+        stem = name[:-len(WEIGHTS_SUFFIX)]
+    else:
+        raise CheckpointError(f'--resume expects a run folder, a *{STATE_SUFFIX} or a *{WEIGHTS_SUFFIX} file, '
+                              f'got {path}.')
+    files = dict(state=path.with_name(stem + STATE_SUFFIX), weights=path.with_name(stem + WEIGHTS_SUFFIX))
+    for f in files.values():
+        if not f.is_file():
+            raise CheckpointError(f'cannot resume: {f} does not exist (a resume needs both {stem}{WEIGHTS_SUFFIX} '
+                                  f'and {stem}{STATE_SUFFIX}).')
+    return files

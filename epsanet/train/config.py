@@ -1,0 +1,105 @@
+"""``TrainConfig``: every option of ``epsanet train``; flag names follow timm's train.py."""
+import dataclasses
+from typing import Optional, Tuple
+
+from .flags import arg
+
+__all__ = ['TrainConfig']
+
+D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisation', 'optimizer', 'schedule', 'run'
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted."""
+    # data
+    data_dir: str = arg('', 'ImageFolder root holding <train-split>/<class>/<image> and <val-split>/...', D)
+    train_split: str = arg('train', 'name of the training subfolder', D)
+    val_split: str = arg('val', 'name of the validation subfolder ("" to skip validation)', D)
+    workers: int = arg(4, 'data loading worker processes per process', D, aliases=('-j',))
+    strict: bool = arg(False, 'check every image before training and fail on unreadable ones (default: skip '
+                              'and count them)', D)
+    pin_mem: bool = arg(False, 'pin CPU memory in the data loader (faster GPU copies)', D)
+    # model and weights
+    model: str = arg('epsanet50', 'model name', M)
+    pretrained: bool = arg(False, "start from the model's registered pretrained weights", M)
+    initial_checkpoint: str = arg('', 'start from this weights file (.safetensors, timm or authors\' .pth)', M)
+    num_classes: Optional[int] = arg(None, 'number of classes (default: the number of class folders)', M)
+    img_size: Optional[int] = arg(None, 'input image size (default: the model\'s, 224)', M)
+    crop_pct: Optional[float] = arg(None, 'evaluation centre-crop fraction (default: the model\'s, 0.875)', M)
+    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean per channel (default: the model\'s)', M,
+                                            metavar='MEAN')
+    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std per channel (default: the model\'s)', M,
+                                           metavar='STD')
+    interpolation: str = arg('', 'evaluation resize interpolation (default: the model\'s)', M)
+    drop: float = arg(0.0, 'dropout rate before the classifier', M)
+    drop_path: Optional[float] = arg(None, 'stochastic depth rate', M)
+    freeze: Tuple[str, ...] = arg((), 'freeze these top-level modules (e.g. conv1 bn1 layer1); "backbone" freezes '
+                                      'all but the classifier: a linear probe. Frozen BatchNorm stats are fixed', M,
+                                  metavar='MODULE')
+    grad_checkpointing: bool = arg(False, 'recompute activations in the backward pass to save memory', M)
+    channels_last: bool = arg(False, 'use the channels-last memory layout', M)
+    sync_bn: bool = arg(False, 'synchronise BatchNorm statistics across GPUs (distributed runs on CUDA)', M)
+    # augmentation and regularisation
+    scale: Tuple[float, ...] = arg((0.08, 1.0), 'random-resized-crop area range', A, metavar='PCT')
+    ratio: Tuple[float, ...] = arg((3. / 4., 4. / 3.), 'random-resized-crop aspect ratio range', A, metavar='RATIO')
+    hflip: float = arg(0.5, 'horizontal flip probability', A)
+    vflip: float = arg(0.0, 'vertical flip probability', A)
+    color_jitter: float = arg(0.4, 'colour jitter factor', A)
+    aa: Optional[str] = arg(None, 'AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5', A)
+    reprob: float = arg(0.0, 'random erasing probability', A)
+    train_interpolation: str = arg('random', 'training resize interpolation', A)
+    smoothing: float = arg(0.1, 'label smoothing', A)
+    mixup: float = arg(0.0, 'mixup alpha (mixup is on when > 0)', A)
+    cutmix: float = arg(0.0, 'cutmix alpha (cutmix is on when > 0)', A)
+    mixup_prob: float = arg(1.0, 'probability of mixup or cutmix per batch', A)
+    mixup_switch_prob: float = arg(0.5, 'probability of cutmix instead of mixup when both are on', A)
+    mixup_mode: str = arg('batch', 'how to apply mixup/cutmix params', A, choices=('batch', 'pair', 'elem'))
+    model_ema: bool = arg(False, 'keep an exponential moving average of the weights (validated and saved as best)', A)
+    model_ema_decay: float = arg(0.9998, 'EMA decay', A)
+    # optimizer
+    opt: str = arg('sgd', 'optimizer (any name of timm.optim.create_optimizer_v2: sgd, momentum, adamw, lamb, ...)',
+                   OPT)
+    opt_eps: Optional[float] = arg(None, 'optimizer epsilon', OPT)
+    opt_betas: Optional[Tuple[float, ...]] = arg(None, 'optimizer betas', OPT, metavar='BETA')
+    momentum: float = arg(0.9, 'SGD momentum', OPT)
+    weight_decay: float = arg(2e-5, 'weight decay', OPT)
+    clip_grad: Optional[float] = arg(None, 'clip gradients to this norm (or value, see --clip-mode)', OPT)
+    clip_mode: str = arg('norm', 'gradient clipping mode', OPT, choices=('norm', 'value', 'agc'))
+    filter_bias_and_bn: bool = arg(True, 'exempt biases and norm weights from weight decay (timm default; the '
+                                         'authors decayed all parameters: --no-filter-bias-and-bn)', OPT)
+    layer_decay: Optional[float] = arg(None, 'layer-wise lr decay (e.g. 0.75): earlier layers learn slower; uses '
+                                             "the model's group_matcher", OPT)
+    batch_size: int = arg(128, 'batch size per process', OPT, aliases=('-b',))
+    validation_batch_size: Optional[int] = arg(None, 'validation batch size (default: --batch-size)', OPT)
+    # schedule
+    lr: Optional[float] = arg(None, 'learning rate (default: --lr-base scaled by the global batch size)', S)
+    lr_base: float = arg(0.1, 'lr for a global batch of --lr-base-size', S)
+    lr_base_size: int = arg(256, 'global batch size --lr-base refers to', S)
+    lr_base_scale: str = arg('', 'lr scaling with batch size: linear or sqrt (default: sqrt for adaptive '
+                                 'optimizers, else linear)', S)
+    sched: str = arg('cosine', 'lr schedule', S, choices=('cosine', 'step', 'multistep', 'plateau', 'tanh', 'poly',
+                                                         'wsd', 'constant', 'none'))
+    sched_on_updates: bool = arg(False, 'update the lr every step instead of every epoch', S)
+    epochs: int = arg(300, 'number of epochs', S)
+    decay_epochs: float = arg(90, 'epochs between lr decays (step schedule)', S)
+    decay_milestones: Tuple[int, ...] = arg((90, 180, 270), 'epochs of lr decay (multistep schedule)', S,
+                                            metavar='EPOCH')
+    decay_rate: float = arg(0.1, 'lr decay factor', S)
+    warmup_epochs: int = arg(5, 'linear warmup epochs', S)
+    warmup_lr: float = arg(1e-5, 'lr at the start of warmup', S)
+    warmup_prefix: bool = arg(False, 'exclude warmup from the decay schedule', S)
+    min_lr: float = arg(0.0, 'lower lr bound for cyclic schedules', S)
+    cooldown_epochs: int = arg(0, 'epochs at --min-lr after the schedule', S)
+    patience_epochs: int = arg(10, 'plateau schedule patience', S)
+    # run
+    device: str = arg('', 'device (default: cuda if available, else cpu)', R)
+    amp: bool = arg(False, 'mixed precision (float16 on CUDA with a loss scaler, bfloat16 on CPU)', R)
+    amp_dtype: str = arg('', 'mixed precision dtype (default: float16 on CUDA, bfloat16 otherwise)', R,
+                         choices=('float16', 'bfloat16'))
+    output: str = arg('', 'run folder (default: output/train/<time>-<model>, or the resumed run\'s folder)', R)
+    resume: str = arg('', 'resume from a run folder or its last.state.pth / last.safetensors', R)
+    seed: int = arg(42, 'random seed', R)
+    no_prefetcher: bool = arg(False, 'disable timm\'s GPU prefetcher', R)
+    dist_backend: str = arg('', 'torch.distributed backend (default: nccl on CUDA, gloo on CPU)', R)
+    progress: bool = arg(True, 'show progress bars', R)

@@ -1,0 +1,55 @@
+"""Distributed setup from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+import dataclasses
+import logging
+
+import torch
+import torch.distributed as dist
+from timm.utils.distributed import init_distributed_device_so, is_distributed_env
+
+__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_reduce_max']
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DistInfo:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+    owns_group: bool = False  # this call created the process group, so it should destroy it
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = '', backend: str = '') -> DistInfo:
+    """One process, or DDP when launched by torchrun / SLURM (timm's ``init_distributed_device_so``).
+
+    ``device`` defaults to ``cuda`` when available, else ``cpu``; the backend to nccl on CUDA, gloo on CPU.
+    """
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return DistInfo(torch.device(device), rank, rank, world, world > 1)
+    info = init_distributed_device_so(device=device, dist_backend=backend or None)
+    return DistInfo(torch.device(info['device']), info['global_rank'], info['local_rank'], info['world_size'],
+                    info['distributed'], owns_group=is_distributed_env() and info['distributed'])
+
+
+def _reduce(value: torch.Tensor, op) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=op)
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (the value itself in a single process)."""
+    return _reduce(value, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    return _reduce(value, dist.ReduceOp.MAX)

@@ -1,0 +1,140 @@
+"""Dataclass configs that double as argparse flags and YAML files.
+
+A config field ``batch_size`` is the flag ``--batch-size`` and the YAML key ``batch_size`` (or
+``batch-size``). ``--config FILE.yaml`` sets any flag; flags given on the command line win (the
+flags default to "not given", so the dataclass holds the only defaults).
+Field metadata: ``help``, ``choices``, ``type`` (element type for tuples), ``group`` (help section).
+"""
+import argparse
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Dict, Optional, Type, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ['arg', 'add_config_arguments', 'config_from_args', 'load_yaml', 'parse_config']
+
+T = TypeVar('T')
+
+
+def arg(default: Any, help: str, group: str = 'options', **metadata: Any) -> Any:
+    """A dataclass field with its flag help; tuples defaults are fine (stored through a factory)."""
+    metadata = dict(help=help, group=group, **metadata)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+def _base_type(field: dataclasses.Field, hints: Dict[str, Any]):
+    """(python type, is_sequence) of a field from its annotation."""
+    tp = hints[field.name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        tp = args[0]
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        inner = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return field.metadata.get('type', inner[0] if inner else str), True
+    return field.metadata.get('type', tp), False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: Type[Any]) -> None:
+    """Add one flag per field of the dataclass ``cls`` (plus ``--config``)."""
+    parser.add_argument('--config', metavar='FILE.yaml', default=None,
+                        help='YAML file setting any of the flags below; flags on the command line win')
+    hints = typing.get_type_hints(cls)
+    groups: Dict[str, argparse._ArgumentGroup] = {}
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        group = groups.setdefault(meta.get('group', 'options'), parser.add_argument_group(meta.get('group', 'options')))
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        tp, is_seq = _base_type(field, hints)
+        kw: Dict[str, Any] = dict(dest=field.name, help=meta.get('help', ''), default=argparse.SUPPRESS)
+        if tp is bool and not is_seq:
+            kw['action'] = argparse.BooleanOptionalAction if default else 'store_true'
+        else:
+            kw['type'] = tp
+            if is_seq:
+                kw['nargs'] = meta.get('nargs', '+')
+            if 'choices' in meta:
+                kw['choices'] = meta['choices']
+            kw['metavar'] = meta.get('metavar')
+        if default not in (None, '', (), [], False):
+            kw['help'] += f' (default: {_show(default)})'
+        group.add_argument(_flag(field.name), *meta.get('aliases', ()), **kw)
+
+
+def load_yaml(path: str, cls: Type[Any]) -> Dict[str, Any]:
+    """Read ``path`` and return the values for fields of ``cls`` (``-`` or ``_`` in keys)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f'config file {path} does not exist.')
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'config file {path} is not valid YAML: {e}') from e
+    if not isinstance(data, dict):
+        raise ConfigError(f'config file {path} must be a mapping of flag names to values, got {type(data).__name__}.')
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace('-', '_')
+        if name not in fields:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f' Did you mean {", ".join(_flag(c)[2:] for c in close)}?' if close else ''
+            raise ConfigError(f'config file {path}: unknown key "{key}".{hint}')
+        tp, is_seq = _base_type(fields[name], hints)
+        out[name] = _coerce(value, tp, is_seq, f'config file {path}, key "{key}"')
+    return out
+
+
+def _coerce(value: Any, tp: Any, is_seq: bool, where: str) -> Any:
+    if value is None:
+        return None
+    try:
+        if is_seq:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return tuple(tp(v) for v in items)
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f'expected true or false, got {value!r}')
+            return value
+        if tp is float and isinstance(value, str):
+            return float(value)  # YAML reads 1e-4 as a string
+        return tp(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'{where}: {e}') from e
+
+
+def _show(value: Any) -> str:
+    return ' '.join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def config_from_args(cls: Type[T], args: argparse.Namespace) -> T:
+    """Build ``cls``: dataclass defaults, then ``args.config`` (YAML), then the flags that were given."""
+    values = load_yaml(args.config, cls) if getattr(args, 'config', None) else {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            v = getattr(args, f.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def parse_config(cls: Type[T], argv: Optional[list] = None, prog: Optional[str] = None) -> T:
+    """Parse ``argv`` (with ``--config``) straight into ``cls``: the same rules as the CLI."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_config_arguments(parser, cls)
+    return config_from_args(cls, parser.parse_args(argv))

@@ -1,0 +1,472 @@
+"""``epsanet train`` as a Python function: :func:`train`.
+
+Everything heavy comes from timm: ``create_loader`` / ``create_transform`` (data),
+``create_optimizer_v2`` (optimizers, layer-wise lr decay through the model's ``group_matcher``),
+``create_scheduler_v2``, ``ModelEmaV3``, ``Mixup`` and the losses. This module wires them into a
+loop with checkpoints, metrics, DDP and the error handling a user needs.
+"""
+import dataclasses
+import logging
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import yaml
+from timm.data import FastCollateMixup, Mixup, create_loader
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..data import DataError, ImageFolder, check_same_classes, split_dir
+from .checkpoint import (
+    STATE_SUFFIX,
+    WEIGHTS_SUFFIX,
+    atomic_write,
+    load_state,
+    read_weights_metadata,
+    resolve_resume,
+    save_state,
+    save_weights,
+)
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .factory import build_model
+from .freeze import export_state_dict, freeze_modules
+from .loaders import autocast_for, data_config_for, eval_loader
+from .metrics import MetricsLog
+from .validate import evaluate, verify_images
+
+__all__ = ['Callback', 'TrainResult', 'train']
+
+_logger = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class Callback:
+    """Hooks into :func:`train`; override what you need. Raising ``KeyboardInterrupt`` acts like Ctrl-C."""
+
+    def on_step(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        """After each optimizer step (``epoch`` and ``step`` count from 0)."""
+
+    def on_epoch_end(self, epoch: int, metrics: Dict[str, Any]) -> None:
+        """After the epoch's checkpoint is written (``epoch`` counts from 0)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    best_top1: Optional[float]
+    best_epoch: Optional[int]  # 1-based, as in the metrics
+    epochs_completed: int
+    metrics: List[Dict[str, Any]]
+
+    @property
+    def weights(self) -> Path:
+        """``best.safetensors`` when there was validation, else ``last.safetensors``."""
+        best = self.output_dir / f'best{WEIGHTS_SUFFIX}'
+        return best if best.is_file() else self.output_dir / f'last{WEIGHTS_SUFFIX}'
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if not cfg.data_dir:
+        raise ConfigError('--data-dir is required (on the command line or in the --config file): an ImageFolder '
+                          'root holding train/<class>/<image> and val/<class>/<image>.')
+    for name in ('epochs', 'batch_size'):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(cfg, name)}.')
+    if cfg.workers < 0:
+        raise ConfigError('--workers must be 0 or more.')
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ConfigError(f'mixup/cutmix need an even --batch-size, got {cfg.batch_size}.')
+    if cfg.pretrained and cfg.initial_checkpoint:
+        raise ConfigError('give --pretrained or --initial-checkpoint, not both.')
+    if len(cfg.scale) != 2 or len(cfg.ratio) != 2:
+        raise ConfigError('--scale and --ratio take two numbers each (min max).')
+
+
+class _Trainer:
+    """State of one run; :func:`train` drives it."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: Sequence[Callback],
+                 model: Optional[torch.nn.Module]):
+        self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks)
+        self.device = dist.device
+        self.primary = dist.is_primary
+        random_seed(cfg.seed, dist.rank)
+        self._setup_data()
+        resume_files = resolve_resume(cfg.resume) if cfg.resume else None
+        self.state = load_state(resume_files['state']) if resume_files else None
+        if self.state:
+            self._check_resume(resume_files)
+        self._setup_model(model, resume_files)
+        self._setup_optim()
+        self._setup_loaders()
+        self.output = self._output_dir(resume_files)
+        self.last_good = None
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.train_ds = ImageFolder(split_dir(cfg.data_dir, cfg.train_split), strict=cfg.strict)
+        self.val_ds = ImageFolder(split_dir(cfg.data_dir, cfg.val_split), strict=cfg.strict) if cfg.val_split else None
+        if self.val_ds is not None:
+            check_same_classes(self.train_ds.classes, self.val_ds.classes, self.train_ds.root, self.val_ds.root)
+        if cfg.strict:
+            for ds in (self.train_ds, self.val_ds):
+                if ds is not None:
+                    verify_images(ds, progress=self.primary and cfg.progress)
+        self.classes = self.train_ds.classes
+        self.num_classes = len(self.classes)
+        if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
+            raise ConfigError(f'--num-classes {cfg.num_classes} but {self.train_ds.root} has {self.num_classes} class '
+                              'folders; drop --num-classes to use the folders.')
+        self._log('data: %d train images, %s val images, %d classes', len(self.train_ds),
+                  len(self.val_ds) if self.val_ds else 'no', self.num_classes)
+
+    def _check_resume(self, files: Dict[str, Path]) -> None:
+        state, cfg = self.state, self.cfg
+        if state.get('model') != cfg.model or state.get('num_classes') != self.num_classes:
+            raise CheckpointError(
+                f'cannot resume from {files["state"]}: it was written for {state.get("model")} with '
+                f'{state.get("num_classes")} classes, this run is {cfg.model} with {self.num_classes} classes. '
+                'Resume with the same --model and data, or start a new run from its weights with --initial-checkpoint '
+                f'{files["weights"]}.')
+        if list(state.get('classes', self.classes)) != self.classes:
+            raise CheckpointError(f'cannot resume from {files["state"]}: its class names differ from the folders of '
+                                  f'{self.train_ds.root}.')
+        meta_epoch = read_weights_metadata(files['weights']).get('epoch')
+        if meta_epoch is not None and meta_epoch != state['epoch']:
+            raise CheckpointError(f'{files["weights"]} (epoch {meta_epoch}) and {files["state"]} (epoch '
+                                  f'{state["epoch"]}) do not belong together: the run stopped while saving. '
+                                  'Resume from a folder whose two files match.')
+
+    def _setup_model(self, model: Optional[torch.nn.Module], resume_files) -> None:
+        cfg = self.cfg
+        if model is None:
+            kwargs = dict(drop_rate=cfg.drop)
+            if cfg.drop_path is not None:
+                kwargs['drop_path_rate'] = cfg.drop_path
+            start_from = None if self.state else (cfg.initial_checkpoint or None)
+            model = build_model(cfg.model, num_classes=self.num_classes, pretrained=cfg.pretrained and not self.state,
+                                checkpoint=start_from, **kwargs)
+        elif getattr(model, 'num_classes', self.num_classes) != self.num_classes:
+            raise ConfigError(f'the model has {model.num_classes} classes, the data {self.num_classes}.')
+        self.dropped_buffers = freeze_modules(model, cfg.freeze)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if self.state:
+            from safetensors.torch import load_file
+            weights = load_file(str(resume_files['weights']))
+            expected = model.state_dict().keys()
+            try:
+                model.load_state_dict({k: v for k, v in weights.items() if k in expected}, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f'the weights in {resume_files["weights"]} do not fit {cfg.model}: {e}') from e
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn:
+            if self.device.type == 'cpu':
+                raise ConfigError('--sync-bn needs GPUs: PyTorch\'s SyncBatchNorm does not run on CPU. Drop --sync-bn.')
+            if self.dist.distributed:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.data_config = data_config_for(model, cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
+
+    def _setup_optim(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        lr = cfg.lr
+        if lr is None:
+            ratio = cfg.batch_size * dist.world_size / cfg.lr_base_size
+            scale = cfg.lr_base_scale or ('sqrt' if any(o in cfg.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+            lr = cfg.lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
+        self.lr = lr
+        try:
+            self.optimizer = create_optimizer_v2(self.model, filter_bias_and_bn=cfg.filter_bias_and_bn,
+                                                 **optimizer_kwargs(dataclasses.replace(cfg, lr=lr)))
+        except (ValueError, AssertionError) as e:
+            raise ConfigError(f'--opt {cfg.opt}: {e}') from e
+        self.autocast = autocast_for(self.device, cfg.amp, cfg.amp_dtype)
+        fp16 = cfg.amp and (cfg.amp_dtype or ('float16' if self.device.type == 'cuda' else 'bfloat16')) == 'float16'
+        self.scaler = NativeScaler(device=self.device.type) if fp16 else None
+        self.start_epoch, self.best_top1, self.best_epoch, rows = 0, None, None, []
+        if self.state:
+            try:
+                self.optimizer.load_state_dict(self.state['optimizer'])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f'the optimizer state of {self.cfg.resume} does not fit --opt {cfg.opt} with '
+                                      f'these --freeze/--layer-decay settings: {e}') from e
+            if self.scaler is not None and self.state.get('scaler'):
+                self.scaler.load_state_dict(self.state['scaler'])
+            self.start_epoch = int(self.state['epoch'])
+            self.best_top1, self.best_epoch = self.state.get('best_top1'), self.state.get('best_epoch')
+            rows = list(self.state.get('metrics', []))
+        self.metrics_rows = rows
+        self.ema = None
+        if cfg.model_ema:
+            self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay)
+            if self.state and self.state.get('model_ema') is not None:
+                ema_sd = self.state['model_ema']
+                self.ema.module.load_state_dict({k: v for k, v in ema_sd.items() if k in self.ema.module.state_dict()})
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _setup_loaders(self) -> None:
+        cfg, dc = self.cfg, self.data_config
+        self.prefetcher = self.device.type == 'cuda' and not cfg.no_prefetcher
+        collate_fn, self.mixup_fn = None, None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            args = dict(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                        switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                        num_classes=self.num_classes)
+            if self.prefetcher:
+                collate_fn = FastCollateMixup(**args)
+            else:
+                self.mixup_fn = Mixup(**args)
+        self.train_loader = create_loader(
+            self.train_ds, input_size=dc['input_size'], batch_size=cfg.batch_size, is_training=True,
+            re_prob=cfg.reprob, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, vflip=cfg.vflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.aa, interpolation=cfg.train_interpolation,
+            mean=dc['mean'], std=dc['std'], num_workers=cfg.workers, distributed=self.dist.distributed,
+            collate_fn=collate_fn, pin_memory=cfg.pin_mem, device=self.device, use_prefetcher=self.prefetcher,
+            persistent_workers=False)  # fresh workers each epoch, seeded per epoch: resumes repeat the same data
+        if len(self.train_loader) == 0:
+            per_rank = math.ceil(len(self.train_ds) / self.dist.world_size)
+            raise DataError(f'{self.train_ds.root} has {len(self.train_ds)} images ({per_rank} per process), fewer '
+                            f'than one batch of {cfg.batch_size} (training drops the last partial batch). Lower '
+                            '--batch-size or add images.')
+        self.val_loader = None
+        if self.val_ds is not None:
+            self.val_loader = eval_loader(self.val_ds, dc, cfg.validation_batch_size or cfg.batch_size, cfg.workers,
+                                          self.device, self.dist.distributed, self.prefetcher, cfg.pin_mem)
+        if self.mixup_fn is not None or collate_fn is not None:
+            self.loss_fn = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+        else:
+            self.loss_fn = torch.nn.CrossEntropyLoss()
+        self.updates_per_epoch = len(self.train_loader)
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, **scheduler_kwargs(cfg), updates_per_epoch=self.updates_per_epoch)
+        if self.scheduler is not None and self.start_epoch > 0:
+            if cfg.sched_on_updates:
+                self.scheduler.step_update(self.start_epoch * self.updates_per_epoch)
+            else:
+                self.scheduler.step(self.start_epoch)
+
+    def _output_dir(self, resume_files) -> Path:
+        cfg = self.cfg
+        if cfg.output:
+            out = Path(cfg.output)
+        elif resume_files:
+            out = resume_files['state'].parent
+        else:
+            stamp = datetime.now().strftime('%Y%m%d-%H%M%S')
+            out = Path('output') / 'train' / f'{stamp}-{cfg.model}-{self.data_config["input_size"][-1]}'
+        if self.primary:
+            out.mkdir(parents=True, exist_ok=True)
+            values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+            text = yaml.safe_dump(values, sort_keys=False)
+            atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(text))
+        return out
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    def _log(self, msg: str, *args: Any) -> None:
+        if self.dist.is_primary:
+            _logger.info(msg, *args)
+
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def _weights_metadata(self, epoch: int) -> Dict[str, Any]:
+        dc = self.data_config
+        return dict(model=self.cfg.model, num_classes=self.num_classes, classes=self.classes, epoch=epoch,
+                    img_size=dc['input_size'][-1], crop_pct=dc['crop_pct'], interpolation=dc['interpolation'],
+                    mean=list(dc['mean']), std=list(dc['std']))
+
+    def save(self, epoch: int, interrupted: Optional[Dict[str, int]] = None) -> Path:
+        """Write ``last.safetensors`` + ``last.state.pth``; ``epoch`` = completed epochs."""
+        weights = self.output / f'last{WEIGHTS_SUFFIX}'
+        state_path = self.output / f'last{STATE_SUFFIX}'
+        if not self.primary:
+            return state_path
+        state = dict(
+            format=STATE_FORMAT, model=self.cfg.model, num_classes=self.num_classes, classes=self.classes, epoch=epoch,
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
+            model_ema=export_state_dict(self.ema.module, self.dropped_buffers) if self.ema else None,
+            best_top1=self.best_top1, best_epoch=self.best_epoch, metrics=self.metrics_rows, interrupted=interrupted)
+        save_weights(weights, export_state_dict(self.bare_model, self.dropped_buffers), self._weights_metadata(epoch))
+        save_state(state_path, state)
+        self.last_good = state_path
+        return state_path
+
+    # ---- loop --------------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        if hasattr(self.train_loader.sampler, 'set_epoch'):
+            self.train_loader.sampler.set_epoch(epoch)
+        self.train_ds.reset_skipped()
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss_sum, seen, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f'epoch {epoch + 1}/{self.num_epochs}', leave=False,
+                   disable=not (self.primary and cfg.progress))
+        for step, (images, targets) in enumerate(bar):
+            self.step = step
+            if not self.prefetcher:
+                images, targets = images.to(self.device), targets.to(self.device)
+            if self.mixup_fn is not None:
+                images, targets = self.mixup_fn(images, targets)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                loss = self.loss_fn(model(images), targets)
+            self._check_finite(loss, epoch, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler(loss, self.optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode, parameters=params)
+            else:
+                loss.backward()
+                if cfg.clip_grad is not None:
+                    dispatch_clip_grad(params, cfg.clip_grad, mode=cfg.clip_mode)
+                self.optimizer.step()
+            num_updates = epoch * self.updates_per_epoch + step + 1
+            if self.ema is not None:
+                self.ema.update(self.bare_model, step=num_updates)
+            if self.scheduler is not None:
+                self.scheduler.step_update(num_updates=num_updates)
+            value = loss.item()
+            loss_sum += value * len(images)
+            seen += len(images)
+            lr = self.optimizer.param_groups[0]['lr']
+            rate = seen * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f'{value:.4f}', lr=f'{lr:.3g}', img_s=f'{rate:.1f}')
+            for cb in self.callbacks:
+                cb.on_step(epoch, step, value, lr)
+        totals = all_reduce_sum(torch.tensor([loss_sum, seen, self.train_ds.num_skipped], dtype=torch.float64,
+                                             device=self.device))
+        skipped = int(totals[2].item())
+        if skipped:
+            self._log_warning(f'{skipped} unreadable training images were skipped in epoch {epoch + 1} (their paths '
+                              'are logged above); use --strict to stop on them instead.')
+        return dict(train_loss=totals[0].item() / max(totals[1].item(), 1), lr=lr,
+                    train_img_per_sec=seen * self.dist.world_size / (time.perf_counter() - start),
+                    skipped_images=skipped)
+
+    def _log_warning(self, msg: str) -> None:
+        if self.primary:
+            _logger.warning(msg)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        if self.dist.distributed:
+            bad = all_reduce_sum(bad)
+        if bad.item() > 0:
+            last = f' The last good checkpoint is {self.last_good}; resume from it with --resume.' if self.last_good \
+                else ''
+            amp = ' or drop --amp' if self.cfg.amp else ''
+            raise NonFiniteLossError(
+                f'the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped. Lower the '
+                f'learning rate (now {self.optimizer.param_groups[0]["lr"]:.3g}), add --clip-grad 1.0{amp}, and check '
+                f'the data.{last}', epoch + 1, step + 1)
+
+    def validate(self) -> Dict[str, Any]:
+        if self.val_loader is None:
+            return {}
+        show = self.primary and self.cfg.progress
+        out = {}
+        m = evaluate(self.model, self.val_loader, self.device, self.num_classes, self.autocast, self.cfg.channels_last,
+                     progress=show)
+        out.update(val_loss=m['loss'], val_top1=m['top1'], val_top5=m['top5'])
+        if self.ema is not None:
+            m = evaluate(self.ema.module, self.val_loader, self.device, self.num_classes, self.autocast,
+                         self.cfg.channels_last, progress=show, desc='validate EMA')
+            out.update(ema_val_loss=m['loss'], ema_val_top1=m['top1'], ema_val_top5=m['top5'])
+        skipped = int(all_reduce_sum(torch.tensor(self.val_ds.num_skipped, device=self.device)).item())
+        self.val_ds.reset_skipped()
+        if skipped:
+            self._log_warning(f'{skipped} unreadable validation images were skipped (paths logged above): the '
+                              'accuracy is over the readable ones.')
+        return out
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.start_epoch >= self.num_epochs:
+            self._log('the resumed run already finished its %d epochs.', self.num_epochs)
+        self._log('training %s for %d epochs on %s (%d process%s), lr %.3g, output %s', cfg.model, self.num_epochs,
+                  self.device, self.dist.world_size, 'es' if self.dist.world_size > 1 else '', self.lr, self.output)
+        epoch, self.step = self.start_epoch, -1
+        try:
+            for epoch in range(self.start_epoch, self.num_epochs):
+                self.step = -1
+                random_seed((cfg.seed + 1_000_003 * (epoch + 1)) % 2 ** 31, self.dist.rank)
+                row = dict(epoch=epoch + 1, **self.train_epoch(epoch))
+                row.update(self.validate())
+                score = row.get('ema_val_top1', row.get('val_top1'))
+                if self.scheduler is not None:
+                    self.scheduler.step(epoch + 1, score)
+                is_best = score is not None and (self.best_top1 is None or score > self.best_top1)
+                if is_best:
+                    self.best_top1, self.best_epoch = score, epoch + 1
+                self.metrics_rows.append(row)
+                if self.primary:
+                    MetricsLog(self.output, self.metrics_rows).write()
+                    self.save(epoch + 1)
+                    if is_best:
+                        best = self.ema.module if self.ema is not None else self.bare_model
+                        meta = dict(self._weights_metadata(epoch + 1), top1=score)
+                        save_weights(self.output / f'best{WEIGHTS_SUFFIX}',
+                                     export_state_dict(best, self.dropped_buffers), meta)
+                    self._log('epoch %d/%d: %s', epoch + 1, self.num_epochs, _summary(row))
+                for cb in self.callbacks:
+                    cb.on_epoch_end(epoch, row)
+        except KeyboardInterrupt:
+            if self.primary:
+                path = self.save(epoch, interrupted=dict(epoch=epoch + 1, step=self.step + 1))
+                where = f'epoch {epoch + 1}, step {self.step + 1}' if self.step >= 0 else f'after epoch {epoch}'
+                _logger.warning('interrupted at %s. Saved %s; resume with the same command plus --resume %s '
+                                '(epoch %d restarts from its beginning).', where, path, path, epoch + 1)
+            raise
+        result = TrainResult(self.output, self.best_top1, self.best_epoch, len(self.metrics_rows), self.metrics_rows)
+        if self.best_top1 is not None:
+            self._log('best top-1 %.2f%% at epoch %d: %s', self.best_top1, self.best_epoch, result.weights)
+        return result
+
+
+def _summary(row: Dict[str, Any]) -> str:
+    text = f'train loss {row["train_loss"]:.4f}'
+    if 'val_top1' in row:
+        text += f', val top-1 {row["val_top1"]:.2f}% top-5 {row["val_top5"]:.2f}% loss {row["val_loss"]:.4f}'
+    if 'ema_val_top1' in row:
+        text += f', EMA val top-1 {row["ema_val_top1"]:.2f}%'
+    return text
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), model: Optional[torch.nn.Module] = None) -> TrainResult:
+    """Train (or fine-tune) a model on ``cfg.data_dir`` and return where the results are.
+
+    Runs as one process, or with DDP when launched by ``torchrun`` (rank 0 logs and writes). Pass
+    ``model`` to train a model you built yourself instead of ``timm.create_model(cfg.model)``.
+    Raises :class:`~epsanet.data.DataError`, :class:`~epsanet.train.errors.TrainError` subclasses for
+    problems with the input, and re-raises ``KeyboardInterrupt`` after saving a checkpoint.
+    """
+    import epsanet  # noqa: F401  (registers the models)
+
+    _check_config(cfg)
+    dist = init_distributed(cfg.device, cfg.dist_backend)
+    try:
+        return _Trainer(cfg, dist, callbacks, model).run()
+    finally:
+        if dist.owns_group:
+            torch.distributed.destroy_process_group()
+

@@ -1,0 +1,202 @@
+"""Validation: top-1, top-5, loss and img/s of a model on an ImageFolder split.
+
+:func:`evaluate` runs a model over a loader (also used by training, under DDP too);
+:func:`validate` is ``epsanet validate``: build the model from weights, evaluate with the model's
+eval transform, optionally per-class accuracy and a confusion matrix, and a JSON results file.
+"""
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from timm.data.distributed_sampler import OrderedDistributedSampler
+from tqdm import tqdm
+
+from ..data import DataError, ImageFolder, split_dir
+from ..data.folder import unreadable_error
+from .checkpoint import atomic_write, read_weights_metadata
+from .errors import ConfigError
+from .factory import build_model
+from .flags import arg
+from .loaders import autocast_for, data_config_for, eval_loader
+
+__all__ = ['ValidateConfig', 'evaluate', 'validate', 'verify_images']
+
+_logger = logging.getLogger(__name__)
+
+
+def _valid_count(loader) -> Optional[int]:
+    """Samples of this process that are real: timm's ordered sampler pads the last ranks with repeats."""
+    sampler = getattr(loader, 'sampler', None)
+    if isinstance(sampler, OrderedDistributedSampler):
+        n = len(sampler.dataset)
+        return max(0, math.ceil((n - sampler.rank) / sampler.num_replicas))
+    return None
+
+
+@torch.no_grad()
+def evaluate(
+        model: torch.nn.Module,
+        loader,
+        device: torch.device,
+        num_classes: int,
+        autocast: Callable = None,
+        channels_last: bool = False,
+        confusion: bool = False,
+        progress: bool = True,
+        desc: str = 'validate',
+) -> Dict[str, Any]:
+    """Top-1, top-5 (top-k with k = min(5, classes)), mean loss, img/s, sample count over ``loader``.
+
+    Under DDP the counts are summed over processes; the padding of timm's distributed eval
+    sampler is not counted, so the numbers are exact. ``confusion`` adds ``confusion``: a
+    ``[true, predicted]`` count matrix.
+    """
+    from .distributed import all_reduce_sum
+
+    autocast = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    model.eval()
+    k = min(5, num_classes)
+    valid = _valid_count(loader)
+    seen = 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
+    start = time.perf_counter()
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, targets = images.to(device), targets.to(device)
+        keep = len(targets) if valid is None else max(0, min(len(targets), valid - seen))
+        seen += len(targets)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images)
+        logits, targets = logits[:keep].float(), targets[:keep]
+        if keep == 0:
+            continue
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        sums += torch.stack([
+            torch.nn.functional.cross_entropy(logits, targets, reduction='sum').double(),
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), torch.tensor(keep, device=device).double()])
+        if matrix is not None:
+            matrix += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes * num_classes)
+    elapsed = time.perf_counter() - start
+    sums = all_reduce_sum(sums)
+    count = int(sums[3].item())
+    if count == 0:
+        raise DataError('the validation split produced no samples.')
+    out = dict(top1=100.0 * sums[1].item() / count, top5=100.0 * sums[2].item() / count,
+               loss=sums[0].item() / count, count=count, img_per_sec=count / max(elapsed, 1e-9))
+    if matrix is not None:
+        out['confusion'] = all_reduce_sum(matrix).view(num_classes, num_classes).cpu()
+    return out
+
+
+def verify_images(dataset: ImageFolder, progress: bool = True) -> None:
+    """``--strict``: decode every image first; fail listing those that cannot be read."""
+    bad = dataset.verify(progress=progress)
+    if bad:
+        raise unreadable_error(bad, dataset.root)
+
+
+V = 'validation'
+
+
+@dataclasses.dataclass
+class ValidateConfig:
+    """Options of :func:`validate`; flag names follow timm's validate.py."""
+    data_dir: str = arg('', 'ImageFolder root holding <split>/<class>/<image>', V)
+    split: str = arg('val', 'subfolder to validate on ("" for --data-dir itself)', V)
+    model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', V)
+    checkpoint: str = arg('', 'weights file to validate (.safetensors from "epsanet train", timm or authors\' .pth)', V)
+    pretrained: bool = arg(False, "validate the model's registered pretrained weights", V)
+    num_classes: Optional[int] = arg(None, 'number of classes (default: from the checkpoint)', V)
+    img_size: Optional[int] = arg(None, 'input size (default: recorded in the checkpoint, else the model\'s)', V)
+    crop_pct: Optional[float] = arg(None, 'centre-crop fraction (default: checkpoint\'s, else the model\'s)', V)
+    interpolation: str = arg('', 'resize interpolation (default: the model\'s)', V)
+    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean (default: checkpoint\'s, else model\'s)', V)
+    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std (default: checkpoint\'s, else model\'s)', V)
+    batch_size: int = arg(256, 'batch size', V, aliases=('-b',))
+    workers: int = arg(4, 'data loading worker processes', V, aliases=('-j',))
+    device: str = arg('', 'device (default: cuda if available, else cpu)', V)
+    amp: bool = arg(False, 'mixed precision', V)
+    amp_dtype: str = arg('', 'mixed precision dtype', V, choices=('float16', 'bfloat16'))
+    channels_last: bool = arg(False, 'channels-last memory layout', V)
+    strict: bool = arg(False, 'fail on unreadable images instead of skipping and counting them', V)
+    results_file: str = arg('', 'write the results as JSON to this file', V)
+    per_class: bool = arg(False, 'add per-class accuracy to the results', V)
+    confusion_matrix: bool = arg(False, 'add the confusion matrix ([true][predicted] counts) to the results', V)
+    progress: bool = arg(True, 'show a progress bar', V)
+
+
+def _checkpoint_defaults(cfg) -> Dict[str, Any]:
+    """Model name, data settings and class names recorded in a safetensors file by ``epsanet train``."""
+    if not cfg.checkpoint or not str(cfg.checkpoint).endswith('.safetensors') or not Path(cfg.checkpoint).is_file():
+        return {}
+    return read_weights_metadata(cfg.checkpoint)
+
+
+def load_for_inference(cfg, **model_kwargs) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """Model, timm data config and checkpoint metadata for ``validate`` and ``extract``."""
+    meta = _checkpoint_defaults(cfg)
+    name = cfg.model or meta.get('model') or 'epsanet50'
+    model = build_model(name, num_classes=cfg.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint or None,
+                        adapt_classifier=False, **model_kwargs)
+    data_config = data_config_for(
+        model, img_size=cfg.img_size or meta.get('img_size'), crop_pct=cfg.crop_pct or meta.get('crop_pct'),
+        interpolation=cfg.interpolation or meta.get('interpolation', ''), mean=cfg.mean or meta.get('mean'),
+        std=cfg.std or meta.get('std'))
+    return model.eval(), data_config, meta
+
+
+def validate(cfg: ValidateConfig) -> Dict[str, Any]:
+    """Validate ``cfg.checkpoint`` (or registered weights) on ``cfg.data_dir/cfg.split``; return the results."""
+    if not cfg.data_dir:
+        raise ConfigError('--data-dir is required: an ImageFolder root (see --split).')
+    root = split_dir(cfg.data_dir, cfg.split) if cfg.split else Path(cfg.data_dir)
+    dataset = ImageFolder(root, strict=cfg.strict)
+    if cfg.strict:
+        verify_images(dataset, cfg.progress)
+    if not cfg.checkpoint and not cfg.pretrained:
+        _logger.warning('no --checkpoint or --pretrained: validating a randomly initialised model.')
+    model, data_config, meta = load_for_inference(cfg, **({} if cfg.num_classes or cfg.checkpoint else
+                                                          dict(num_classes=len(dataset.classes))))
+    num_classes = model.num_classes
+    if num_classes != len(dataset.classes):
+        raise DataError(f'the model has {num_classes} classes but {root} has {len(dataset.classes)} class folders.')
+    if meta.get('classes') and list(meta['classes']) != dataset.classes:
+        raise DataError(f'the class folders of {root} ({", ".join(dataset.classes[:10])}, ...) are not the classes '
+                        f'{cfg.checkpoint} was trained on ({", ".join(meta["classes"][:10])}, ...).')
+    device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = eval_loader(dataset, data_config, cfg.batch_size, cfg.workers, device)
+    want_matrix = cfg.per_class or cfg.confusion_matrix
+    metrics = evaluate(model, loader, device, num_classes, autocast_for(device, cfg.amp, cfg.amp_dtype),
+                       cfg.channels_last, confusion=want_matrix, progress=cfg.progress)
+    results = dict(
+        model=model.pretrained_cfg.get('architecture', cfg.model), checkpoint=cfg.checkpoint or None,
+        top1=round(metrics['top1'], 4), top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6),
+        img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+        interpolation=data_config['interpolation'], count=metrics['count'],
+        img_per_sec=round(metrics['img_per_sec'], 2), skipped_unreadable=dataset.num_skipped)
+    if want_matrix:
+        matrix = metrics['confusion']
+        if cfg.per_class:
+            totals = matrix.sum(1).clamp(min=1)
+            results['per_class'] = {c: round(100.0 * matrix[i, i].item() / totals[i].item(), 4)
+                                    for i, c in enumerate(dataset.classes)}
+        if cfg.confusion_matrix:
+            results['classes'] = dataset.classes
+            results['confusion_matrix'] = matrix.tolist()
+    if dataset.num_skipped:
+        _logger.warning('%d unreadable images were skipped (paths above).', dataset.num_skipped)
+    if cfg.results_file:
+        text = json.dumps(results, indent=1)
+        atomic_write(cfg.results_file, lambda tmp: Path(tmp).write_text(text))
+    return results

@@ -5,7 +5,7 @@ import torchvision
 from torch import nn
 
 from epsanet import PyramidSqueezeAttention
-from epsanet.psa_convert import psa_convert
+from epsanet.convert_resnet import psa_convert
 
 
 def test_resnet50_becomes_epsanet50():

@@ -14,7 +14,7 @@ from epsanet.downstream import create_backbone, epsanet_fpn_backbone, freeze_sta
 
 @pytest.fixture(scope='module')
 def epsanet50_weights(tmp_path_factory):
-    """A timm-style EPSANet-50 state dict (10 classes) saved as safetensors and as a .pth file."""
+    """A timm-style EPSANet-50 state dict (10 classes) saved as safetensors."""
     torch.manual_seed(1)
     model = timm.create_model('epsanet50', num_classes=10)
     with torch.no_grad():  # non-default BN statistics so that loading them is visible
@@ -25,7 +25,6 @@ def epsanet50_weights(tmp_path_factory):
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     folder = tmp_path_factory.mktemp('weights')
     save_file(sd, folder / 'epsanet50.safetensors')
-    torch.save(sd, folder / 'epsanet50.pth')
     return folder, sd
 
 
@@ -56,10 +55,9 @@ def _assert_loaded(backbone_module: nn.Module, sd):
         torch.testing.assert_close(got[k], sd[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('name', ['epsanet50.safetensors', 'epsanet50.pth'])
-def test_fpn_backbone_loads_file_and_freezes_by_default(epsanet50_weights, name):
+def test_fpn_backbone_loads_file_and_freezes_by_default(epsanet50_weights):
     folder, sd = epsanet50_weights
-    backbone = epsanet_fpn_backbone('epsanet50', weights=folder / name)
+    backbone = epsanet_fpn_backbone('epsanet50', weights=folder / 'epsanet50.safetensors')
     _assert_loaded(backbone.body, sd)
     # torchvision's defaults with pretrained weights: frozen BN everywhere, 3 trainable stages
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.body.modules())

@@ -1,0 +1,82 @@
+"""``epsanet.benchmark`` and ``epsanet benchmark`` at tiny sizes: they run and write valid reports.
+
+No speed assertions: timings on a shared CI machine mean nothing; the benchmark itself is the
+performance guard.
+"""
+import json
+
+import pytest
+
+from epsanet.benchmark import REFERENCE, BenchmarkReport, Setting, measure_peak_memory, run_benchmark
+from epsanet.cli import main
+
+TINY = dict(batch_size=2, img_size=32, baselines=('resnet18',), batch_sweep=(1,), img_sweep=(), reps=2,
+            train_reps=1, progress=False)
+
+
+@pytest.mark.slow
+def test_run_benchmark_tiny(tmp_path):
+    report = run_benchmark('epsanet50', memory_formats=('nchw',), measure_memory=False, optimize=True, **TINY)
+    assert isinstance(report, BenchmarkReport)
+    cands = {(r.candidate, r.setting.mode, r.setting.batch_size) for r in report.rows}
+    for name in ('epsanet50', REFERENCE, 'resnet18'):
+        assert {(name, 'infer', 2), (name, 'train', 2)} <= cands
+    assert ('epsanet50', 'infer', 1) in cands and (REFERENCE, 'infer', 1) in cands  # batch sweep
+    for r in report.rows:
+        assert len(r.times_ms) == (2 if r.setting.mode == 'infer' else 1)
+        assert r.img_per_s > 0 and r.median_ms > 0
+        assert r.vs_reference is not None
+    ours = [r for r in report.rows if r.candidate == 'epsanet50' and r.setting.mode == 'infer']
+    assert all(r.max_abs_diff is not None and r.max_abs_diff < 1e-4 for r in ours)
+    assert report.logits_ok is True
+    descriptions = [t['description'] for t in report.targets]
+    assert 'inference, NCHW, ours vs reference' in descriptions
+    assert 'training step, NCHW, ours vs reference' in descriptions
+
+    report.save(json_path=str(tmp_path / 'b.json'), markdown_path=str(tmp_path / 'b.md'))
+    data = json.loads((tmp_path / 'b.json').read_text())
+    assert data['model'] == 'epsanet50' and len(data['rows']) == len(report.rows)
+    assert data['config']['optimize'] is True
+    md = (tmp_path / 'b.md').read_text()
+    assert md.startswith('### epsanet50') and '| epsanet50 | infer | nchw | fp32 | 2 | 32 |' in md
+    assert '### Targets' in md
+
+
+@pytest.mark.slow
+def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    out_json, out_md = tmp_path / 'sub' / 'r.json', tmp_path / 'r.md'
+    rc = main(['benchmark', '--model', 'epsanet50_large', '--batch-size', '1', '--img-size', '32',
+               '--modes', 'infer', '--formats', 'channels_last', '--dtypes', 'bf16', '--baselines',
+               '--batch-sweep', '--img-sweep', '--reps', '1', '--no-memory', '--no-progress',
+               '--json', str(out_json), '--markdown', str(out_md)])
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    assert {r['candidate'] for r in data['rows']} == {'epsanet50_large', REFERENCE}
+    assert all(r['setting']['dtype'] == 'bf16' and r['setting']['memory_format'] == 'channels_last'
+               for r in data['rows'])
+    assert '| epsanet50_large | infer | channels_last | bf16 | 1 | 32 |' in out_md.read_text()
+    assert 'wrote' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_peak_memory_probe_runs_in_a_fresh_process():
+    peak = measure_peak_memory('epsanet50', 'epsanet50', Setting('train', 2, 32))
+    assert peak > 0  # at least the gradients and momentum buffers of 25 M parameters
+    assert peak < 4096
+
+
+@pytest.mark.parametrize('kwargs,needle', [
+    (dict(model_name='resnet50'), 'Unknown EPSANet model'),
+    (dict(baselines=('not_a_model',)), 'not a timm model'),
+    (dict(modes=('fly',)), 'mode'),
+    (dict(img_size=16), 'at least 32'),
+    (dict(reps=0), '>= 1'),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        run_benchmark(**{'progress': False, **kwargs})
+
+
+def test_cli_reports_user_errors(capsys):
+    assert main(['benchmark', '--model', 'nope', '--no-progress']) == 2
+    assert 'Unknown EPSANet model' in capsys.readouterr().err

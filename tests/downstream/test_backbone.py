@@ -110,3 +110,10 @@ def test_backbone_argument_errors():
         freeze_stages(nn.Conv2d(3, 3, 1), 3)
     with pytest.raises(ValueError, match='returned_layers'):
         epsanet_fpn_backbone('epsanet50', returned_layers=(0, 1))
+
+
+def test_registered_weights_missing_is_a_clear_error():
+    from epsanet.weights import NoPretrainedWeightsError
+
+    with pytest.raises(NoPretrainedWeightsError, match='three ways'):
+        epsanet_fpn_backbone('epsanet50', weights=True)

@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(config_from_args(TrainConfig, args))
     except (DataError, TrainError) as e:
         raise CLIError(str(e)) from e
+    if result.rank != 0:
+        return 0
     if result.best_top1 is not None:
         print(f'Best top-1 {result.best_top1:.2f}% at epoch {result.best_epoch}: {result.weights}')
     else:

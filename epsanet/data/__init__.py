@@ -2,8 +2,9 @@
 from .digits import write_digits
 from .folder import DataError, ImageFiles, ImageFolder, UnreadableImageError, check_same_classes, find_images, split_dir
 from .image import load_image, to_rgb
+from .synthetic import write_image_folder
 
 __all__ = [
     'DataError', 'ImageFiles', 'ImageFolder', 'UnreadableImageError', 'check_same_classes', 'find_images', 'load_image',
-    'split_dir', 'to_rgb', 'write_digits',
+    'split_dir', 'to_rgb', 'write_digits', 'write_image_folder',
 ]

@@ -67,6 +67,7 @@ class TrainResult:
     best_epoch: Optional[int]  # 1-based, as in the metrics
     epochs_completed: int
     metrics: List[Dict[str, Any]]
+    rank: int = 0  # under torchrun, only rank 0 wrote the files
 
     @property
     def weights(self) -> Path:
@@ -405,10 +406,10 @@ class _Trainer:
             self._log('the resumed run already finished its %d epochs.', self.num_epochs)
         self._log('training %s for %d epochs on %s (%d process%s), lr %.3g, output %s', cfg.model, self.num_epochs,
                   self.device, self.dist.world_size, 'es' if self.dist.world_size > 1 else '', self.lr, self.output)
-        epoch, self.step = self.start_epoch, -1
+        completed, self.step, self.in_epoch = self.start_epoch, -1, False
         try:
             for epoch in range(self.start_epoch, self.num_epochs):
-                self.step = -1
+                self.step, self.in_epoch = -1, True
                 random_seed((cfg.seed + 1_000_003 * (epoch + 1)) % 2 ** 31, self.dist.rank)
                 row = dict(epoch=epoch + 1, **self.train_epoch(epoch))
                 row.update(self.validate())
@@ -428,16 +429,22 @@ class _Trainer:
                         save_weights(self.output / f'best{WEIGHTS_SUFFIX}',
                                      export_state_dict(best, self.dropped_buffers), meta)
                     self._log('epoch %d/%d: %s', epoch + 1, self.num_epochs, _summary(row))
+                completed, self.in_epoch = epoch + 1, False
                 for cb in self.callbacks:
                     cb.on_epoch_end(epoch, row)
         except KeyboardInterrupt:
             if self.primary:
-                path = self.save(epoch, interrupted=dict(epoch=epoch + 1, step=self.step + 1))
-                where = f'epoch {epoch + 1}, step {self.step + 1}' if self.step >= 0 else f'after epoch {epoch}'
-                _logger.warning('interrupted at %s. Saved %s; resume with the same command plus --resume %s '
-                                '(epoch %d restarts from its beginning).', where, path, path, epoch + 1)
+                mid_epoch = self.in_epoch
+                self.metrics_rows[:] = [r for r in self.metrics_rows if r['epoch'] <= completed]
+                where = f'at epoch {completed + 1}, step {self.step + 1}' if mid_epoch else f'after epoch {completed}'
+                stop = dict(epoch=completed + 1, step=self.step + 1) if mid_epoch else dict(epoch=completed, step=0)
+                path = self.save(completed, interrupted=stop)
+                restart = f' (epoch {completed + 1} restarts from its beginning)' if mid_epoch else ''
+                _logger.warning('interrupted %s. Saved %s; resume with the same command plus --resume %s%s.', where,
+                                path, path, restart)
             raise
-        result = TrainResult(self.output, self.best_top1, self.best_epoch, len(self.metrics_rows), self.metrics_rows)
+        result = TrainResult(self.output, self.best_top1, self.best_epoch, len(self.metrics_rows), self.metrics_rows,
+                             self.dist.rank)
         if self.best_top1 is not None:
             self._log('best top-1 %.2f%% at epoch %d: %s', self.best_top1, self.best_epoch, result.weights)
         return result

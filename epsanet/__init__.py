@@ -3,6 +3,7 @@
 ``import epsanet`` registers ``epsanet50``, ``epsanet50_large``, ``epsanet101`` and
 ``epsanet101_large`` with timm, so ``timm.create_model("epsanet50")`` works.
 """
+from .convert_resnet import psa_convert
 from .layers import PSA, PSAGate, PyramidSqueezeAttention
 from .models import PSABottleneck, checkpoint_filter_fn, epsanet50, epsanet50_large, epsanet101, epsanet101_large
 
@@ -12,5 +13,5 @@ MODEL_NAMES = ('epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large')
 
 __all__ = [
     'MODEL_NAMES', 'PSA', 'PSABottleneck', 'PSAGate', 'PyramidSqueezeAttention', 'checkpoint_filter_fn',
-    'epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large',
+    'epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large', 'psa_convert',
 ]

@@ -181,7 +181,7 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
                        cfg.channels_last, confusion=want_matrix, progress=cfg.progress)
     results = dict(
         model=model.pretrained_cfg.get('architecture', cfg.model), checkpoint=cfg.checkpoint or None,
-        top1=round(metrics['top1'], 4), top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6),
+        top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'],
         img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
         interpolation=data_config['interpolation'], count=metrics['count'],
         img_per_sec=round(metrics['img_per_sec'], 2), skipped_unreadable=dataset.num_skipped)
@@ -189,7 +189,7 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
         matrix = metrics['confusion']
         if cfg.per_class:
             totals = matrix.sum(1).clamp(min=1)
-            results['per_class'] = {c: round(100.0 * matrix[i, i].item() / totals[i].item(), 4)
+            results['per_class'] = {c: 100.0 * matrix[i, i].item() / totals[i].item()
                                     for i, c in enumerate(dataset.classes)}
         if cfg.confusion_matrix:
             results['classes'] = dataset.classes

@@ -1,0 +1,54 @@
+"""``epsanet extract`` through the command line."""
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from epsanet.cli import main
+from epsanet.data import write_image_folder
+from epsanet.train.checkpoint import save_weights
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny ImageFolder and 3-class weights in the format ``epsanet train`` writes (32 px recorded)."""
+    root = tmp_path_factory.mktemp('cli')
+    data = write_image_folder(root / 'data', classes=('a', 'b', 'c'), splits={'train': 1, 'val': 2})
+    torch.manual_seed(0)
+    model = timm.create_model('epsanet50', num_classes=3)
+    out = root / 'run'
+    save_weights(out / 'best.safetensors', model.state_dict(),
+                 dict(model='epsanet50', num_classes=3, classes=['a', 'b', 'c'], img_size=32, crop_pct=1.0))
+    return data, out
+
+
+def test_extract_cli_prelogits_and_stages(trained, tmp_path):
+    data, out = trained
+    ckpt = str(out / 'best.safetensors')
+    args = ['extract', '--data-dir', str(data / 'val'), '--checkpoint', ckpt, '--workers', '0', '--no-progress',
+            '-b', '4']
+    assert main(args + ['--output', str(tmp_path / 'f.safetensors')]) == 0
+    feats = load_file(tmp_path / 'f.safetensors')['features']
+    assert feats.shape == (6, 2048)
+    paths = (tmp_path / 'f.paths.txt').read_text().splitlines()
+    assert paths == ['a/0.png', 'a/1.png', 'b/0.png', 'b/1.png', 'c/0.png', 'c/1.png']
+    assert main(args + ['--output', str(tmp_path / 's.npy'), '--stages', '2', '4']) == 0
+    assert np.load(tmp_path / 's.stage2.npy').shape == (6, 512, 4, 4)
+    assert np.load(tmp_path / 's.stage4.npy').shape == (6, 2048, 1, 1)
+
+
+def test_extract_skips_unreadable_images_or_fails_with_strict(trained, tmp_path, capsys):
+    data, out = trained
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for name in ('x.png', 'y.png'):
+        (folder / name).write_bytes((data / 'val' / 'a' / '0.png').read_bytes())
+    (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+    args = ['extract', '--data-dir', str(folder), '--checkpoint', str(out / 'best.safetensors'), '--workers', '0',
+            '--no-progress', '--output', str(tmp_path / 'f.npy')]
+    assert main(args) == 0
+    assert np.load(tmp_path / 'f.npy').shape == (2, 2048)
+    assert (tmp_path / 'f.paths.txt').read_text().splitlines() == ['x.png', 'y.png']
+    assert main(args + ['--strict']) == 2
+    assert 'broken.png' in capsys.readouterr().err

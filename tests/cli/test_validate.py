@@ -1,0 +1,48 @@
+"""``epsanet validate`` through the command line."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from epsanet.cli import main
+from epsanet.data import write_image_folder
+from epsanet.train.checkpoint import save_weights
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny ImageFolder and 3-class weights in the format ``epsanet train`` writes (32 px recorded)."""
+    root = tmp_path_factory.mktemp('cli')
+    data = write_image_folder(root / 'data', classes=('a', 'b', 'c'), splits={'train': 1, 'val': 2})
+    torch.manual_seed(0)
+    model = timm.create_model('epsanet50', num_classes=3)
+    out = root / 'run'
+    save_weights(out / 'best.safetensors', model.state_dict(),
+                 dict(model='epsanet50', num_classes=3, classes=['a', 'b', 'c'], img_size=32, crop_pct=1.0))
+    return data, out
+
+
+def test_validate_cli_results_file(trained, tmp_path, capsys):
+    data, out = trained
+    results = tmp_path / 'r.json'
+    code = main(['validate', '--data-dir', str(data), '--checkpoint', str(out / 'best.safetensors'), '--workers', '0',
+                 '--results-file', str(results), '--per-class', '--confusion-matrix', '--no-progress'])
+    assert code == 0
+    r = json.loads(results.read_text())
+    assert {'top1', 'top5', 'loss', 'img_size'} <= set(r)
+    assert r['img_size'] == 32 and r['count'] == 6 and r['model'] == 'epsanet50'  # recorded in the checkpoint
+    assert r['top5'] == 100.0  # 3 classes: top-5 is top-3
+    matrix = np.array(r['confusion_matrix'])
+    assert matrix.shape == (3, 3) and matrix.sum() == 6 and r['classes'] == ['a', 'b', 'c']
+    assert r['top1'] == pytest.approx(100 * np.trace(matrix) / 6)
+    assert set(r['per_class']) == {'a', 'b', 'c'}
+    assert f'top-1 {r["top1"]:.2f}%' in capsys.readouterr().out
+
+
+def test_validate_refuses_other_classes(trained, tmp_path, capsys):
+    _, out = trained
+    other = write_image_folder(tmp_path / 'other', classes=('a', 'b', 'x'), splits={'val': 1})
+    assert main(['validate', '--data-dir', str(other), '--checkpoint', str(out / 'best.safetensors')]) == 2
+    assert 'are not the classes' in capsys.readouterr().err

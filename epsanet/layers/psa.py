@@ -112,6 +112,7 @@ class PyramidSqueezeAttention(nn.Module):
         self.se = PSAGate(branch_out, rd_channels, act_layer=act_layer, **dd)
         self.stride = stride
         self.dilation = dilation
+        self._branch_in = branch_in
         # formulation of each branch, fixed at construction (see _use_depthwise)
         self._depthwise_eval = [
             _use_depthwise(branch_in // g, branch_out // g, k, training=False) for k, g in zip(kernel_sizes, groups)]
@@ -124,12 +125,13 @@ class PyramidSqueezeAttention(nn.Module):
             f'{self.in_chs}, {self.out_chs}, kernel_sizes={self.kernel_sizes}, groups={self.groups}, '
             f'split_input={self.split_input}')
 
-    def _branch(self, i: int, conv: nn.Conv2d, x: torch.Tensor, as_depthwise: bool) -> torch.Tensor:
+    def _branch(self, i: int, weight: torch.Tensor, x: torch.Tensor, as_depthwise: bool) -> torch.Tensor:
         k, g = self.kernel_sizes[i], self.groups[i]
         # the weight in x's memory format: a channels_last weight would switch the conv to channels_last
-        weight = conv.weight.contiguous(memory_format=_memory_format_of(x))
+        weight = _in_format_of(weight, x)
         if as_depthwise:
-            return _grouped_conv_as_depthwise(x, weight, g, k, self.stride, self.dilation)
+            return _grouped_conv_as_depthwise(
+                x, weight, g, self._branch_in // g, self.branch_chs, k, self.stride, self.dilation)
         return F.conv2d(x, weight, None, self.stride, self.dilation * (k // 2), self.dilation, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +151,7 @@ class PyramidSqueezeAttention(nn.Module):
         outs: List[torch.Tensor] = []
         for i, conv in enumerate(self.convs):
             # reversed branch order: the largest kernel first
-            outs.insert(0, self._branch(i, conv, inputs[i], depthwise[i]))
+            outs.insert(0, self._branch(i, conv.weight, inputs[i], depthwise[i]))
         feats = torch.cat(outs, dim=1)
         s, c = self.num_branches, self.branch_chs
         # one batched SE over all branches: [N * S, C, 1, 1]
@@ -215,6 +217,8 @@ def _grouped_conv_as_depthwise(
         x: torch.Tensor,
         weight: torch.Tensor,
         groups: int,
+        in_per_group: int,
+        out_chs: int,
         kernel_size: int,
         stride: int,
         dilation: int,
@@ -224,9 +228,9 @@ def _grouped_conv_as_depthwise(
     Every output channel ``o`` of group ``g`` is the sum over the group's ``I`` input channels
     ``i`` of ``x[g, i] * weight[o, i]``: a depthwise conv over the input channels, replicated
     once per output channel of the group, followed by a sum over ``i``. Same multiply-adds,
-    but depthwise convs have specialised kernels.
+    but depthwise convs have specialised kernels. Channel counts come as ints (not from
+    ``weight.shape``) so that torch.fx can trace the branch on them.
     """
-    out_chs, in_per_group = weight.shape[0], weight.shape[1]
     out_per_group = out_chs // groups
     if out_per_group > 1:
         # [N, G*I, H, W] -> [N, G, O, I, H, W] -> [N, G*O*I, H, W]
@@ -237,15 +241,13 @@ def _grouped_conv_as_depthwise(
     return y.unflatten(1, (out_chs, in_per_group)).sum(dim=2)
 
 
-@torch.fx.wrap
-def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """``torch.channels_last`` for a channels_last tensor, else ``torch.contiguous_format``."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 @torch.fx.wrap
-def _in_format_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``out`` in ``like``'s memory format (NCHW or channels_last); a leaf for torch.fx."""
-    return out.contiguous(memory_format=_memory_format_of(like))
+def _in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format (NCHW or channels_last); a leaf for torch.fx."""
+    if _is_channels_last(like):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()

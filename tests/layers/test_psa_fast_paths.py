@@ -39,7 +39,7 @@ def test_grouped_conv_as_depthwise(in_chs, out_chs, groups, k, stride, dilation,
     w = (torch.randn(out_chs, in_chs // groups, k, k) / fan_in ** 0.5).requires_grad_(True)
     pad = dilation * (k // 2)
     ref = F.conv2d(x, w, None, stride, pad, dilation, groups)
-    out = _grouped_conv_as_depthwise(x, w, groups, k, stride, dilation)
+    out = _grouped_conv_as_depthwise(x, w, groups, in_chs // groups, out_chs, k, stride, dilation)
     torch.testing.assert_close(out, ref, **TOL)
     up = torch.randn_like(ref)
     g = torch.autograd.grad((out * up).sum(), [x, w])

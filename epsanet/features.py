@@ -95,6 +95,8 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
         bad = verify_files(paths, progress=cfg.progress)
         if bad:
             raise unreadable_error(bad, root)
+    if not cfg.checkpoint and not cfg.pretrained:
+        _logger.warning('no --checkpoint or --pretrained: extracting features of a randomly initialised model.')
     model_kwargs = dict(features_only=True, out_indices=stages) if stages else {}
     model, data_config, _ = load_for_inference(cfg, **model_kwargs)
     device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))

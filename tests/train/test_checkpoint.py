@@ -6,7 +6,7 @@ import timm
 import torch
 
 import epsanet  # noqa: F401
-from epsanet.train import CheckpointError, build_model, read_weights_metadata
+from epsanet.train import CheckpointError, read_weights_metadata
 from epsanet.train import checkpoint as ckpt
 
 
@@ -81,17 +81,3 @@ def test_weights_load_through_timm(saved):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), model(x))
     assert read_weights_metadata(path) == dict(model='epsanet50', num_classes=5)
-
-
-def test_build_model_checks(saved):
-    model, path = saved
-    assert build_model('epsanet50', checkpoint=path).num_classes == 5
-    assert build_model('epsanet50', num_classes=3, checkpoint=path).num_classes == 3  # new head to fine-tune
-    with pytest.raises(CheckpointError, match='5-class classifier but 3 classes'):
-        build_model('epsanet50', num_classes=3, checkpoint=path, adapt_classifier=False)
-    with pytest.raises(CheckpointError, match='holds weights of epsanet50, not epsanet101'):
-        build_model('epsanet101', checkpoint=path)
-    with pytest.raises(CheckpointError, match='does not exist'):
-        build_model('epsanet50', checkpoint=path.with_name('missing.safetensors'))
-    with pytest.raises(CheckpointError, match='no pretrained weights are registered'):
-        build_model('epsanet50', pretrained=True)

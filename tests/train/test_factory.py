@@ -1,0 +1,47 @@
+import pytest
+import timm
+import torch
+
+import epsanet  # noqa: F401
+from epsanet.reference import authors_checkpoint, create_reference
+from epsanet.train import CheckpointError, ConfigError, build_model
+from epsanet.train.checkpoint import save_weights
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model('epsanet50', num_classes=5).eval()
+    path = tmp_path_factory.mktemp('w') / 'best.safetensors'
+    save_weights(path, model.state_dict(), dict(model='epsanet50', num_classes=5))
+    return model, path
+
+
+def test_build_model_checks(saved):
+    model, path = saved
+    assert build_model('epsanet50', checkpoint=path).num_classes == 5
+    assert build_model('epsanet50', num_classes=3, checkpoint=path).num_classes == 3  # new head to fine-tune
+    with pytest.raises(CheckpointError, match='5-class classifier but 3 classes'):
+        build_model('epsanet50', num_classes=3, checkpoint=path, adapt_classifier=False)
+    with pytest.raises(CheckpointError, match='holds weights of epsanet50, not epsanet101'):
+        build_model('epsanet101', checkpoint=path)
+    with pytest.raises(CheckpointError, match='does not exist'):
+        build_model('epsanet50', checkpoint=path.with_name('missing.safetensors'))
+    with pytest.raises(CheckpointError, match='no pretrained weights are registered'):
+        build_model('epsanet50', pretrained=True)
+    with pytest.raises(ConfigError, match='unknown model "epsanet5"'):
+        build_model('epsanet5')
+
+
+def test_authors_checkpoint_starts_a_fine_tune(tmp_path):
+    torch.manual_seed(0)
+    reference = create_reference('epsanet50', num_classes=7).eval()
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save(authors_checkpoint(reference), path)
+    same = build_model('epsanet50', checkpoint=path).eval()  # 7 classes, read from the file
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), reference(x), rtol=1e-4, atol=1e-4)
+    tuned = build_model('epsanet50', num_classes=2, checkpoint=path)
+    assert tuned.fc.out_features == 2
+    torch.testing.assert_close(tuned.conv1.weight, reference.conv1.weight)

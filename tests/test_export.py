@@ -54,13 +54,8 @@ def test_onnx_static_batch(small, tmp_path):
     assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
 
 
-SCRIPT_BROKEN = pytest.mark.xfail(
-    raises=ExportError, strict=True,
-    reason='epsanet/layers/psa.py (PSA fast path, e7e4430) is not TorchScript-scriptable: the return annotation '
-           '`torch.memory_format` of _memory_format_of is unknown to TorchScript. Remove this mark once fixed.')
 
-
-@pytest.mark.parametrize('method', [pytest.param('script', marks=SCRIPT_BROKEN), 'trace'])
+@pytest.mark.parametrize('method', ['script', 'trace'])
 def test_torchscript_matches_pytorch(small, tmp_path, method):
     path = tmp_path / f'{method}.pt'
     result = export_model(small, str(path), 'torchscript', input_size=SIZE, method=method)

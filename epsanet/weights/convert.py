@@ -17,8 +17,9 @@ from typing import Any, Dict, Optional, Union
 import torch
 from tqdm import tqdm
 
+from ..models.flops import count_gflops
 from .loading import WeightsError, _pick_state_dict, read_checkpoint, sha256_file
-from .model_card import count_gflops, dumps, render_model_card
+from .model_card import dumps, render_model_card
 
 __all__ = ['ConvertResult', 'convert', 'infer_architecture']
 

@@ -1,53 +1,8 @@
-"""Model cards (``README.md`` of a Hub folder) and the paper's GFLOPs count."""
+"""Model cards (``README.md`` of a Hub folder)."""
 import json
 from typing import Any, Dict, Optional
 
-import torch
-from torch import nn
-
-__all__ = ['count_gflops', 'render_model_card']
-
-
-@torch.no_grad()
-def count_gflops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> float:
-    """GFLOPs as the EPSANet paper counts them, at ``img_size`` x ``img_size``, batch 1.
-
-    Multiply-accumulates of every conv and linear layer, plus two operations per BatchNorm output
-    element; activations, pooling and the PSA softmax are not counted (this rule gives the paper's
-    3.62 G for EPSANet-50 Small). Counted with forward hooks on one forward pass. A PSA layer's branch
-    convs are counted from the layer's output (each branch makes 1/S of it), so the count does not
-    depend on how the layer computes them (module calls or fused ``F.conv2d``).
-    """
-    from ..layers.psa import PyramidSqueezeAttention
-
-    total = 0
-    branch_convs = {id(c) for m in model.modules() if isinstance(m, PyramidSqueezeAttention) for c in m.convs}
-
-    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, PyramidSqueezeAttention):
-            for conv in module.convs:
-                total += output.numel() // len(module.convs) * (conv.in_channels // conv.groups) * \
-                    conv.kernel_size[0] * conv.kernel_size[1]
-        elif isinstance(module, nn.Conv2d) and id(module) not in branch_convs:
-            total += output.numel() * (module.in_channels // module.groups) * \
-                module.kernel_size[0] * module.kernel_size[1]
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            total += 2 * output.numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        model(torch.zeros(1, in_chans, img_size, img_size, device=param.device, dtype=param.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return total / 1e9
+__all__ = ['render_model_card']
 
 
 def _fmt(value: Any) -> str:

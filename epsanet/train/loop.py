@@ -111,7 +111,7 @@ class _Trainer:
         self._setup_optim()
         self._setup_loaders()
         self.output = self._output_dir(resume_files)
-        self.last_good = None
+        self.last_good = resume_files['state'] if resume_files else None
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def _setup_data(self) -> None:

@@ -7,7 +7,15 @@ import torch
 from safetensors.torch import load_file
 
 from epsanet.data import DataError, write_image_folder
-from epsanet.train import Callback, CheckpointError, NonFiniteLossError, TrainConfig, read_weights_metadata, train
+from epsanet.train import (
+    Callback,
+    CheckpointError,
+    NonFiniteLossError,
+    TrainConfig,
+    parse_config,
+    read_weights_metadata,
+    train,
+)
 from epsanet.train.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
@@ -68,6 +76,8 @@ def test_run_writes_checkpoints_metrics_and_plot(full_run, data):
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k]), k
     assert load_state(out / 'last.state.pth')['epoch'] == 2
+    # args.yaml reproduces the run as a --config file
+    assert parse_config(TrainConfig, ['--config', str(out / 'args.yaml')]) == _cfg(data, out)
 
 
 def test_resume_repeats_the_uninterrupted_losses(full_run, data, tmp_path):

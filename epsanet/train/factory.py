@@ -15,6 +15,7 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..weights.loading import NoPretrainedWeightsError, WeightsError
 from .checkpoint import read_weights_metadata
 from .errors import CheckpointError, ConfigError
 
@@ -65,7 +66,7 @@ def build_model(
     """
     import epsanet  # noqa: F401  (registers the models)
 
-    if name not in timm.list_models():
+    if not timm.is_model(name):  # accepts tags, e.g. epsanet50.in1k
         close = timm.list_models(f'*{name.split("_")[0]}*')[:8]
         raise ConfigError(f'unknown model "{name}". EPSANet models: {", ".join(epsanet.MODEL_NAMES)}'
                           + (f'; similar timm names: {", ".join(close)}' if close else '') + '.')
@@ -75,12 +76,10 @@ def build_model(
         kwargs['num_classes'] = num_classes
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if pretrained and 'No pretrained weights' in str(e):
-            raise CheckpointError(f'no pretrained weights are registered for {name} (the authors released none). '
-                                  'Start from a weights file with --initial-checkpoint FILE, or drop --pretrained '
-                                  'to train from random initialisation.') from e
-        raise
+    except NoPretrainedWeightsError as e:
+        raise CheckpointError(f'no pretrained weights are registered for {name} (the authors released none). '
+                              'Start from a weights file with --initial-checkpoint FILE, or drop --pretrained '
+                              'to train from random initialisation.') from e
 
 
 def _from_file(name: str, path: Path, num_classes: Optional[int], adapt: bool, kwargs: Dict[str, Any]):
@@ -106,5 +105,7 @@ def _from_file(name: str, path: Path, num_classes: Optional[int], adapt: bool, k
     overlay = dict(file=str(path), num_classes=file_classes if file_classes is not None else -1)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except WeightsError as e:  # unreadable, corrupt or unsafe file: its own message says what to do
+        raise CheckpointError(f'cannot load {path}: {e}') from e
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f'the weights in {path} do not fit {name}: {e}') from e

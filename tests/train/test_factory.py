@@ -45,3 +45,25 @@ def test_authors_checkpoint_starts_a_fine_tune(tmp_path):
     tuned = build_model('epsanet50', num_classes=2, checkpoint=path)
     assert tuned.fc.out_features == 2
     torch.testing.assert_close(tuned.conv1.weight, reference.conv1.weight)
+
+
+def test_pretrained_without_registered_weights_says_how_to_start(monkeypatch):
+    with pytest.raises(CheckpointError, match='no pretrained weights are registered for epsanet50.*--initial-checkpoint'):
+        build_model('epsanet50', pretrained=True)
+
+
+def test_unsafe_weights_file_is_reported_as_such(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ('pwned',))
+
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'fc.weight': Payload()}}, path)
+    with pytest.raises(CheckpointError) as info:
+        build_model('epsanet50', checkpoint=path)
+    assert 'do not fit' not in str(info.value)
+
+
+def test_tagged_names_are_known_models():
+    with pytest.raises(CheckpointError, match='no pretrained weights'):
+        build_model('epsanet50.untrained', pretrained=True)

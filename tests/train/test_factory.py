@@ -47,8 +47,9 @@ def test_authors_checkpoint_starts_a_fine_tune(tmp_path):
     torch.testing.assert_close(tuned.conv1.weight, reference.conv1.weight)
 
 
-def test_pretrained_without_registered_weights_says_how_to_start(monkeypatch):
-    with pytest.raises(CheckpointError, match='no pretrained weights are registered for epsanet50.*--initial-checkpoint'):
+def test_pretrained_without_registered_weights_says_how_to_start():
+    expected = 'no pretrained weights are registered for epsanet50.*--initial-checkpoint'
+    with pytest.raises(CheckpointError, match=expected):
         build_model('epsanet50', pretrained=True)
 
 

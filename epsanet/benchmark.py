@@ -525,7 +525,8 @@ def run_benchmark(
     notes = []
     if optimize:
         notes.append(f'{model_name} inference runs after `optimize_for_inference(model)` '
-                     '(epsanet.layers.fold_bn: BatchNorm folded into the convs); training uses the model as created.')
+                     '(epsanet.layers.fold_bn: BatchNorm folded into the convs, weights channels_last; inputs as '
+                     'in the table); training uses the model as created.')
     return BenchmarkReport(model_name, rows, memory_rows, targets, config, _environment(), logits_ok, notes)
 
 

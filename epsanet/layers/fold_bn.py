@@ -1,4 +1,4 @@
-"""Fold BatchNorm into the preceding conv for inference: ``optimize_for_inference(model)``.
+"""Inference setting for EPSANet: ``optimize_for_inference(model)`` (BN folding, channels_last).
 
 In eval mode a BatchNorm is a fixed per-channel affine map, so a conv followed directly by a
 BN equals one conv with scaled weights and a bias. EPSANet folds every such pair: the stem,
@@ -8,6 +8,7 @@ unfolded model within float rounding (about 1e-6 relative); training needs the u
 """
 from typing import Tuple
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -45,10 +46,17 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """The one-line inference setting: ``model = optimize_for_inference(model.eval())``.
+def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """The one-line inference setting: ``model = optimize_for_inference(model)``.
 
-    Folds BatchNorm into the preceding convs (:func:`fold_batchnorm`). Numerically the same
-    network; it can no longer be trained (re-create it to fine-tune).
+    Puts the model in eval mode, folds BatchNorm into the preceding convs
+    (:func:`fold_batchnorm`) and, with ``channels_last``, stores the weights channels_last.
+    Inputs may stay NCHW: the first conv then returns channels_last and the whole network runs
+    in it, which on x86 CPUs (oneDNN) is much faster than NCHW for the 1x1 convs. Numerically
+    the same network (float rounding aside); it can no longer be trained (re-create it to
+    fine-tune). Works in place and returns the model.
     """
-    return fold_batchnorm(model.eval())
+    model = fold_batchnorm(model.eval())
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -34,16 +34,20 @@ def _pair(name, num_classes=10, dtype=torch.float32):
 @pytest.mark.parametrize('name', ALL_MODELS)
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 def test_forward_matches_reference(name, train):
-    ref, ours = _pair(name)
+    """Eval in float32 (the 1e-4 logits criterion). Train mode in float64: with batch 2, BatchNorm's
+    batch statistics at stage 4 come from 8 values per channel and amplify float32 rounding
+    through 50-101 layers beyond 1e-4 whatever the formulation; float64 shows any real difference."""
+    dtype, atol = (torch.float64, 1e-8) if train else (torch.float32, 1e-4)
+    ref, ours = _pair(name, dtype=dtype)
     ref.train(train)
     ours.train(train)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours(x), ref(x), atol=atol, rtol=atol)
     if train:  # running statistics were updated identically
         for k, v in ref.state_dict().items():
             if 'running' in k:
-                torch.testing.assert_close(ours.state_dict()[_ours_name(k)], v, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(ours.state_dict()[_ours_name(k)], v, atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)

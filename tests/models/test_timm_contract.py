@@ -200,9 +200,12 @@ def test_fx_feature_extraction(name):
         _, inter = model.forward_intermediates(x)
     torch.testing.assert_close(out['c3'], inter[2])
     torch.testing.assert_close(out['c5'], inter[4])
-    fx_features = timm.create_model(name, features_only=True, feature_cls='fx', **SMALL).eval()
+    fx_features = timm.models.FeatureGraphNet(model, out_indices=(1, 4)).eval()  # same weights
     with torch.no_grad():
         torch.testing.assert_close(fx_features(x)[-1], inter[-1])
+    # and the features_only factory path with feature_cls='fx'
+    built = timm.create_model(name, features_only=True, feature_cls='fx', **SMALL).eval()
+    assert [f.shape[1] for f in built(x)] == [64, 256, 512, 1024, 2048]
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
 
 benchmark: $(STAMP)
-	$(PY) scripts/benchmark.py
+	$(PY) scripts/benchmark.py --optimize --json benchmark.json --markdown benchmark.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

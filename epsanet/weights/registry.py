@@ -93,11 +93,15 @@ class RegistryError(ValueError):
 
 
 def registry_path() -> Optional[Path]:
-    """``$EPSANET_WEIGHTS_REGISTRY`` or the project's ``weights/registry.json`` (None if absent)."""
+    """``$EPSANET_WEIGHTS_REGISTRY`` or the project's ``weights/registry.json`` (None if absent).
+
+    The package reaches it as ``epsanet/weights/registry.json``: in a source checkout that is a
+    link to the top-level ``weights/registry.json``, in a wheel a copy of it.
+    """
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    path = Path(__file__).resolve().parents[2] / 'weights' / 'registry.json'
+    path = Path(__file__).parent / 'registry.json'
     return path if path.is_file() else None
 
 

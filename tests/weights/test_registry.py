@@ -121,3 +121,14 @@ def test_a_registry_entry_makes_the_timm_tag_work(tmp_path, file_server, small_r
     assert result['listed'] == ['epsanet50.testtag']
     assert result['cfg_url'] == entry['source']['url'] and result['license'] == 'mit'
     assert len([r for r in file_server.requests if r[0] == 'GET']) == 1  # second create used the cache
+
+
+def test_package_registry_is_the_project_registry(monkeypatch):
+    """epsanet/weights/registry.json (shipped in wheels) is the top-level weights/registry.json."""
+    from pathlib import Path
+
+    from epsanet.weights.registry import ENV_VAR, registry_path
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    top_level = Path(__file__).resolve().parents[2] / 'weights' / 'registry.json'
+    assert registry_path().read_bytes() == top_level.read_bytes()

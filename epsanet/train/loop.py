@@ -198,6 +198,13 @@ class _Trainer:
         self.autocast = autocast_for(self.device, cfg.amp, cfg.amp_dtype)
         fp16 = cfg.amp and (cfg.amp_dtype or ('float16' if self.device.type == 'cuda' else 'bfloat16')) == 'float16'
         self.scaler = NativeScaler(device=self.device.type) if fp16 else None
+        if cfg.amp and not fp16 and self.device.type == 'cpu' and self.data_config['input_size'][-1] < 64:
+            # measured with torch 2.14.1: bf16 grouped-conv weight gradients on a 1x1 feature map
+            # (stage 4 of an input under 64 px) come back as garbage, sometimes inf/NaN
+            self._log_warning(
+                f'--amp (bfloat16) on CPU with {self.data_config["input_size"][-1]} px images: stage 4 is 1x1 there, '
+                "where PyTorch's CPU bfloat16 grouped-conv backward returns wrong weight gradients. Train in "
+                'float32 (drop --amp) or use --img-size 64 or more.')
         self.start_epoch, self.best_top1, self.best_epoch, rows = 0, None, None, []
         if self.state:
             try:

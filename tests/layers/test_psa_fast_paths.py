@@ -3,7 +3,7 @@
 The layer picks, per branch and mode, a depthwise-conv formulation of its grouped convs and the
 memory format its branches run in (see ``epsanet/layers/psa.py``). Whatever it picks must give
 the reference's numbers: forward, input and weight gradients, train and eval, NCHW and
-channels_last, all four models.
+channels_last (whole networks: tests/models/test_epsanet.py).
 """
 import re
 
@@ -12,11 +12,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import epsanet
 from epsanet import PSA
-from epsanet.layers.fold_bn import fold_batchnorm, optimize_for_inference
+from epsanet.layers.fold_bn import fold_batchnorm
 from epsanet.layers.psa import _grouped_conv_as_depthwise, _use_depthwise
-from epsanet.reference import ReferencePSA, authors_checkpoint, create_reference
+from epsanet.reference import ReferencePSA
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CL = torch.channels_last
@@ -107,67 +106,7 @@ def test_psa_layer_matches_reference(cfg, train, channels_last):
         torch.testing.assert_close(g, g_ref, **TOL, msg=lambda m, n=name: f'grad of {n}: {m}')
 
 
-MODELS = [pytest.param(n, marks=pytest.mark.slow) for n in epsanet.MODEL_NAMES]  # 5-20 s each
-
-
-def _model_pair(name):
-    ref = create_reference(name, num_classes=10)
-    with torch.no_grad():  # non-trivial BN statistics and affine parameters
-        for m in ref.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    ours = timm.create_model(name, num_classes=10)
-    ours.load_state_dict(epsanet.checkpoint_filter_fn(authors_checkpoint(ref), ours))
-    return ref, ours
-
-
-def _ours_name(ref_name):
-    return re.sub(r'conv2\.conv_(\d+)', lambda m: f'conv2.convs.{int(m.group(1)) - 1}', ref_name)
-
-
-@pytest.mark.parametrize('name', MODELS)
-@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-def test_models_match_reference_with_gradients(name, train):
-    """Whole networks, forward and all gradients, against the reference within 1e-5.
-
-    Eval runs in float32 at 32 px. Training runs in float64 at 64 px: with batch 2, train-mode
-    BatchNorm normalises over 8 values per channel in the last stage and multiplies float32
-    rounding ~100x, so any reordering of a conv's sums (which every fast path is) moves fp32
-    logits by ~1e-4 (at 32 px, 2 values per channel: the gradients are ill-conditioned even in
-    float64). float64 checks the same code paths; the PSA-layer tests above check their float32
-    numerics in both modes.
-    """
-    dtype, size = (torch.float64, 64) if train else (torch.float32, 32)
-    ref, ours = _model_pair(name)
-    ref, ours = ref.to(dtype), ours.to(dtype)
-    psas = [m for m in ours.modules() if isinstance(m, PSA)]
-    fast = [(m._train_channels_last or any(m._depthwise_train)) if train else any(m._depthwise_eval) for m in psas]
-    assert any(fast)  # a fast path is in use
-    ref.train(train)
-    ours.train(train)
-    x = torch.randn(2, 3, size, size, dtype=dtype)
-    x_ref = x.clone().requires_grad_(True)
-    x.requires_grad_(True)
-    out, expected = ours(x), ref(x_ref)
-    torch.testing.assert_close(out, expected, **TOL)
-    target = torch.tensor([1, 7])
-    F.cross_entropy(out, target).backward()
-    F.cross_entropy(expected, target).backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
-    params = dict(ours.named_parameters())
-    for k, p in ref.named_parameters():
-        torch.testing.assert_close(params[_ours_name(k)].grad, p.grad, **TOL, msg=lambda m, k=k: f'{k}: {m}')
-    if not train:  # the one-line inference setting keeps the numbers
-        fast = optimize_for_inference(ours)
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) and m is not blk.bn2
-                       for blk in fast.modules() if isinstance(blk, epsanet.PSABottleneck) for m in blk.children())
-        with torch.no_grad():
-            x = x.detach()
-            torch.testing.assert_close(fast(x), expected.detach(), **TOL)
-            torch.testing.assert_close(fast(x.to(memory_format=CL)), expected.detach(), **TOL)
+# whole networks with every fast path: tests/models/test_epsanet.py::test_matches_reference_with_gradients
 
 
 def test_fold_batchnorm_refuses_training_mode():

@@ -153,17 +153,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                img = load_image(path)
-            except UNREADABLE_ERRORS as e:
-                if self.strict:
-                    raise UnreadableImageError(f'cannot read image {path} ({e}); remove or replace it, '
-                                               'or drop --strict to skip unreadable images') from e
+            img = _load_or_skip(path, self.strict, log=path not in self._logged)
+            if img is None:
+                self._logged.add(path)
                 with self._skipped.get_lock():
                     self._skipped.value += 1
-                if path not in self._logged:
-                    self._logged.add(path)
-                    _logger.warning('skipped unreadable image %s (%s)', path, e)
                 continue
             if self.transform is not None:
                 img = self.transform(img)
@@ -204,12 +198,20 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        try:
-            img = load_image(path)
-        except UNREADABLE_ERRORS as e:
-            if self.strict:
-                raise UnreadableImageError(f'cannot read image {path} ({e}); remove or replace it, or drop '
-                                           '--strict to skip unreadable images') from e
-            _logger.warning('skipped unreadable image %s (%s)', path, e)
+        img = _load_or_skip(path, self.strict)
+        if img is None:
             img, index = Image.new('RGB', (32, 32)), -1
         return (self.transform(img) if self.transform is not None else img), index
+
+
+def _load_or_skip(path: str, strict: bool, log: bool = True) -> Optional[Image.Image]:
+    """The image at ``path`` as RGB, or ``None`` (logged) when it cannot be read; ``strict`` raises."""
+    try:
+        return load_image(path)
+    except UNREADABLE_ERRORS as e:
+        if strict:
+            raise UnreadableImageError(f'cannot read image {path} ({e}); remove or replace it, '
+                                       'or drop --strict to skip unreadable images') from e
+        if log:
+            _logger.warning('skipped unreadable image %s (%s)', path, e)
+        return None

@@ -21,10 +21,14 @@ from .backbone import Weights, epsanet_fpn_backbone
 __all__ = ['fasterrcnn_epsanet_fpn', 'maskrcnn_epsanet_fpn', 'retinanet_epsanet_fpn']
 
 
-def _normalisation(backbone, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def _detector(detector_cls, model_name, num_classes, weights, trainable_layers, frozen_bn, backbone_kwargs,
+              detector_kwargs, **fpn_kwargs):
+    """``detector_cls`` on an EPSANet + FPN backbone, normalising images with the backbone's mean/std."""
+    backbone = epsanet_fpn_backbone(
+        model_name, weights, trainable_layers, frozen_bn, **fpn_kwargs, **(backbone_kwargs or {}))
     cfg = getattr(backbone, 'pretrained_cfg', None) or {}
     defaults = {'image_mean': list(cfg['mean']), 'image_std': list(cfg['std'])} if 'mean' in cfg else {}
-    return {**defaults, **kwargs}
+    return detector_cls(backbone, num_classes=num_classes, **{**defaults, **detector_kwargs})
 
 
 def fasterrcnn_epsanet_fpn(
@@ -49,9 +53,8 @@ def fasterrcnn_epsanet_fpn(
         backbone_kwargs: extra ``timm.create_model`` arguments.
         **kwargs: torchvision ``FasterRCNN`` arguments.
     """
-    backbone = epsanet_fpn_backbone(
-        model_name, weights_backbone, trainable_backbone_layers, frozen_bn, **(backbone_kwargs or {}))
-    return FasterRCNN(backbone, num_classes=num_classes, **_normalisation(backbone, kwargs))
+    return _detector(FasterRCNN, model_name, num_classes, weights_backbone, trainable_backbone_layers, frozen_bn,
+                     backbone_kwargs, kwargs)
 
 
 def maskrcnn_epsanet_fpn(
@@ -65,9 +68,8 @@ def maskrcnn_epsanet_fpn(
         **kwargs: Any,
 ) -> MaskRCNN:
     """Mask R-CNN with an EPSANet + FPN backbone; arguments as :func:`fasterrcnn_epsanet_fpn`."""
-    backbone = epsanet_fpn_backbone(
-        model_name, weights_backbone, trainable_backbone_layers, frozen_bn, **(backbone_kwargs or {}))
-    return MaskRCNN(backbone, num_classes=num_classes, **_normalisation(backbone, kwargs))
+    return _detector(MaskRCNN, model_name, num_classes, weights_backbone, trainable_backbone_layers, frozen_bn,
+                     backbone_kwargs, kwargs)
 
 
 def retinanet_epsanet_fpn(
@@ -83,7 +85,5 @@ def retinanet_epsanet_fpn(
     """RetinaNet with an EPSANet + FPN backbone: P3-P5 from stages 2-4 plus P6/P7, as torchvision's
     ``retinanet_resnet50_fpn``. Arguments as :func:`fasterrcnn_epsanet_fpn` (no background class
     is needed in ``num_classes``)."""
-    backbone = epsanet_fpn_backbone(
-        model_name, weights_backbone, trainable_backbone_layers, frozen_bn,
-        returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(256, 256), **(backbone_kwargs or {}))
-    return RetinaNet(backbone, num_classes=num_classes, **_normalisation(backbone, kwargs))
+    return _detector(RetinaNet, model_name, num_classes, weights_backbone, trainable_backbone_layers, frozen_bn,
+                     backbone_kwargs, kwargs, returned_layers=(2, 3, 4), extra_blocks=LastLevelP6P7(256, 256))

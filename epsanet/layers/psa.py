@@ -15,7 +15,7 @@ Two input forms:
 Paper: "EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network",
 Zhang et al., ACCV 2022, https://arxiv.org/abs/2105.14447
 """
-from typing import List, Optional, Sequence, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -113,12 +113,17 @@ class PyramidSqueezeAttention(nn.Module):
         self.stride = stride
         self.dilation = dilation
         self._branch_in = branch_in
-        # formulation of each branch, fixed at construction (see _use_depthwise)
-        self._depthwise_eval = [
-            _use_depthwise(branch_in // g, branch_out // g, k, training=False) for k, g in zip(kernel_sizes, groups)]
-        self._train_channels_last = any(g > 1 and branch_in // g < 16 for g in groups)
+        # formulation and memory format of each branch and mode, fixed at construction (see _plan_branch)
+        eval_plan = [
+            _plan_branch(branch_in // g, branch_out // g, k, training=False) for k, g in zip(kernel_sizes, groups)]
+        self._depthwise_eval = [d for d, _ in eval_plan]
+        self._format_eval = [f for _, f in eval_plan]
         self._depthwise_train = [
-            _use_depthwise(branch_in // g, branch_out // g, k, training=True) for k, g in zip(kernel_sizes, groups)]
+            _plan_branch(branch_in // g, branch_out // g, k, training=True)[0] for k, g in zip(kernel_sizes, groups)]
+        # training: the backward of grouped convs with few channels per group is 2-4x faster in
+        # channels_last, so layers with such a branch run every branch in it
+        train_cl = any(g > 1 and branch_in // g < 16 for g in groups)
+        self._format_train = [CHANNELS_LAST if train_cl else KEEP] * num_branches
 
     def extra_repr(self) -> str:
         return (
@@ -135,29 +140,29 @@ class PyramidSqueezeAttention(nn.Module):
         return F.conv2d(x, weight, None, self.stride, self.dilation * (k // 2), self.dilation, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inp = x
-        # The branches run in the memory format that is fastest on oneDNN (x86 CPU) whatever the
-        # caller uses: NCHW for inference (the forward of these grouped and depthwise convs is
-        # faster in it), channels_last for training layers with few channels per group (their
-        # grouped-conv backward is 2-4x faster in it). The result goes back in the caller's format.
+        # Each branch runs in the formulation and memory format that is fastest for its shape on
+        # oneDNN (x86 CPU), whatever format the caller uses (see _plan_branch); the result comes
+        # back in the caller's format. On other devices the branches keep the caller's format.
         if self.training:
-            if self._train_channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            depthwise = self._depthwise_train
+            depthwise, formats = self._depthwise_train, self._format_train
         else:
-            x = x.contiguous()
-            depthwise = self._depthwise_eval
-        inputs = torch.chunk(x, self.num_branches, dim=1) if self.split_input else [x] * self.num_branches
+            depthwise, formats = self._depthwise_eval, self._format_eval
+        inputs: Dict[int, torch.Tensor] = {}  # x in each memory format the branches use
         outs: List[torch.Tensor] = []
         for i, conv in enumerate(self.convs):
+            if formats[i] not in inputs:
+                inputs[formats[i]] = _to_memory_format(x, formats[i])
+            branch_in = inputs[formats[i]]
+            if self.split_input:
+                branch_in = torch.chunk(branch_in, self.num_branches, dim=1)[i]
             # reversed branch order: the largest kernel first
-            outs.insert(0, self._branch(i, conv.weight, inputs[i], depthwise[i]))
-        feats = torch.cat(outs, dim=1)
+            outs.insert(0, self._branch(i, conv.weight, branch_in, depthwise[i]))
+        feats = _concat_in_format_of(outs, x)
         s, c = self.num_branches, self.branch_chs
         # one batched SE over all branches: [N * S, C, 1, 1]
         pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
         attn = self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
-        return _in_format_of(feats * attn, inp)
+        return _in_format_of(feats * attn, x)
 
 
 PSA = PyramidSqueezeAttention
@@ -199,18 +204,31 @@ def _check_config(
                 f'({branch_in}) and its output channels ({branch_out}).')
 
 
-def _use_depthwise(in_per_group: int, out_per_group: int, kernel_size: int, training: bool) -> bool:
-    """Whether a grouped branch conv runs faster as a depthwise conv plus a sum.
+# memory formats a branch can run in: the caller's, NCHW or channels_last
+KEEP, NCHW, CHANNELS_LAST = 0, 1, 2  # (_to_memory_format spells them as literals)
 
-    Measured on oneDNN (x86 CPU): grouped convs with large kernels and only 1-2 output channels
-    per group are 3-10x slower than a depthwise conv doing the same multiply-adds (e.g. the
-    9x9 branch of EPSANet-50's first stage, 4 input and 1 output channel per group). In
-    training only the 1-output-channel case wins, because the replicated input of the
-    2-channel case makes the backward pass slower than the channels_last grouped conv.
+
+def _plan_branch(in_per_group: int, out_per_group: int, kernel_size: int, training: bool) -> Tuple[bool, int]:
+    """``(as_depthwise, memory_format)`` of one branch conv: its fastest form on oneDNN (x86 CPU).
+
+    Measured per EPSANet-50 branch shape (torch 2.14, oneDNN 3.12, AVX-512, batch 8, 224 px);
+    all forms give the same numbers:
+
+    * grouped convs with a large kernel and 1-2 output channels per group are 3-10x slower in
+      oneDNN than depthwise convs doing the same multiply-adds, so they run as depthwise convs
+      plus a sum over each group's input channels (:func:`_grouped_conv_as_depthwise`). In
+      training only the 1-output case wins (the backward of the 2-output case is slower).
+    * inference: grouped convs with fewer than 64 input channels per group are faster in NCHW,
+      dense and wider-group convs in channels_last; the 1-output depthwise form is fastest in
+      NCHW, the 2-output one in channels_last.
+    * training: the memory format is chosen for the whole layer (see ``__init__``).
     """
-    if in_per_group == 1 or kernel_size < 7:
-        return False
-    return out_per_group == 1 if training else out_per_group <= 2
+    as_depthwise = in_per_group > 1 and kernel_size >= 7 and out_per_group <= (1 if training else 2)
+    if training:
+        return as_depthwise, KEEP
+    if as_depthwise:
+        return True, NCHW if out_per_group == 1 else CHANNELS_LAST
+    return False, CHANNELS_LAST if in_per_group >= 64 else NCHW
 
 
 def _grouped_conv_as_depthwise(
@@ -223,22 +241,25 @@ def _grouped_conv_as_depthwise(
         stride: int,
         dilation: int,
 ) -> torch.Tensor:
-    """``conv2d(x, weight, groups=groups)`` computed as a depthwise conv and a sum.
+    """``conv2d(x, weight, groups=groups)`` computed with depthwise convs and sums.
 
-    Every output channel ``o`` of group ``g`` is the sum over the group's ``I`` input channels
-    ``i`` of ``x[g, i] * weight[o, i]``: a depthwise conv over the input channels, replicated
-    once per output channel of the group, followed by a sum over ``i``. Same multiply-adds,
-    but depthwise convs have specialised kernels. Channel counts come as ints (not from
-    ``weight.shape``) so that torch.fx can trace the branch on them.
+    Output channel ``j`` of group ``g`` is the sum over the group's ``I`` input channels ``i`` of
+    ``x[g, i] * weight[g, j, i]``: one depthwise conv over all input channels per output channel
+    ``j`` of a group, then a sum over ``i``. Same multiply-adds, but depthwise convs have
+    specialised kernels. Channel counts come as ints (not from ``weight.shape``) so that
+    torch.fx can trace the branch on them.
     """
     out_per_group = out_chs // groups
-    if out_per_group > 1:
-        # [N, G*I, H, W] -> [N, G, O, I, H, W] -> [N, G*O*I, H, W]
-        x = x.unflatten(1, (groups, 1, in_per_group)).expand(-1, -1, out_per_group, -1, -1, -1).flatten(1, 3)
-    y = F.conv2d(
-        x, weight.reshape(out_chs * in_per_group, 1, kernel_size, kernel_size), None, stride,
-        dilation * (kernel_size // 2), dilation, out_chs * in_per_group)
-    return y.unflatten(1, (out_chs, in_per_group)).sum(dim=2)
+    per_out = weight.reshape(groups, out_per_group, in_per_group, kernel_size, kernel_size)
+    outs: List[torch.Tensor] = []
+    for j in range(out_per_group):
+        y = F.conv2d(
+            x, per_out[:, j].reshape(groups * in_per_group, 1, kernel_size, kernel_size), None, stride,
+            dilation * (kernel_size // 2), dilation, groups * in_per_group)
+        outs.append(y.unflatten(1, (groups, in_per_group)).sum(dim=2))
+    if out_per_group == 1:
+        return outs[0]
+    return torch.stack(outs, dim=2).flatten(1, 2)  # channel g * out_per_group + j
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -251,3 +272,30 @@ def _in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if _is_channels_last(like):
         return t.contiguous(memory_format=torch.channels_last)
     return t.contiguous()
+
+
+@torch.fx.wrap
+def _to_memory_format(x: torch.Tensor, memory_format: int) -> torch.Tensor:
+    """``x`` in a branch's memory format (``KEEP``, ``NCHW``, ``CHANNELS_LAST``); CPU only."""
+    # literals, not the module constants: TorchScript cannot read globals
+    if memory_format == 0 or x.device.type != 'cpu':
+        return x
+    if memory_format == 2:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
+
+@torch.fx.wrap
+def _concat_in_format_of(tensors: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(tensors, 1)``, written straight into ``like``'s memory format when no
+    gradient is needed (saves converting the PSA output afterwards)."""
+    if torch.is_grad_enabled():
+        return torch.cat(tensors, 1)
+    shape = tensors[0].shape
+    channels = 0
+    for t in tensors:
+        channels += t.shape[1]
+    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+    out = torch.empty((shape[0], channels, shape[2], shape[3]), dtype=tensors[0].dtype, device=tensors[0].device,
+                      memory_format=fmt)
+    return torch.cat(tensors, 1, out=out)

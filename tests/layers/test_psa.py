@@ -68,7 +68,9 @@ def test_psa_matches_naive_spec(cfg, train):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     names = ['input'] + [n for n, _ in layer.named_parameters()]
     for name, g, g_ref in zip(names, grads, ref_grads):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f'grad of {n}: {m}')
+        # gradients sum many terms (here up to ~20 in size): 1e-5 of the largest, as float32 allows
+        atol = 1e-5 * max(1., g_ref.abs().max().item())
+        torch.testing.assert_close(g, g_ref, atol=atol, rtol=1e-5, msg=lambda m, n=name: f'grad of {n}: {m}')
 
 
 @pytest.mark.parametrize('split_input', [False, True])

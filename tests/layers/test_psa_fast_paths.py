@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from epsanet import PSA
 from epsanet.layers.fold_bn import fold_batchnorm
-from epsanet.layers.psa import _grouped_conv_as_depthwise, _use_depthwise
+from epsanet.layers.psa import CHANNELS_LAST, KEEP, NCHW, _grouped_conv_as_depthwise, _plan_branch, _to_memory_format
 from epsanet.reference import ReferencePSA
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -27,6 +27,7 @@ CL = torch.channels_last
     (128, 32, 16, 9, 2, 1),  # Small stage 2 first block: stride 2
     (32, 32, 16, 7, 1, 2),  # Large stage 1 branch, dilated
     (16, 16, 4, 5, 1, 1),  # 4 out per group
+    (32, 32, 16, 9, 1, 1),  # Small stage 2, 9x9: 2 in / 2 out per group
 ])
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
 def test_grouped_conv_as_depthwise(in_chs, out_chs, groups, k, stride, dilation, channels_last):
@@ -48,16 +49,30 @@ def test_grouped_conv_as_depthwise(in_chs, out_chs, groups, k, stride, dilation,
 
 
 def test_dispatch_uses_the_fast_paths_where_measured():
-    """Small stage 1: 7x7 (8/2 per group) and 9x9 (4/1) run depthwise in eval, only 9x9 in training."""
-    layer = PSA(64, 64)
+    """The plan of Small stage 1 and stage 3 layers (see _plan_branch for the measurements)."""
+    layer = PSA(64, 64)  # per group (in/out): 3x3 64/16, 5x5 16/4, 7x7 8/2, 9x9 4/1
     assert layer._depthwise_eval == [False, False, True, True]
+    assert layer._format_eval == [CHANNELS_LAST, NCHW, CHANNELS_LAST, NCHW]
     assert layer._depthwise_train == [False, False, False, True]
-    assert layer._train_channels_last
-    stage3 = PSA(256, 256)  # 16+ channels per group everywhere: oneDNN's grouped conv is fast
+    assert layer._format_train == [CHANNELS_LAST] * 4
+    stage3 = PSA(256, 256)  # 256/64, 64/16, 32/8, 16/4: oneDNN's grouped conv is fast enough
     assert not any(stage3._depthwise_eval) and not any(stage3._depthwise_train)
-    assert not stage3._train_channels_last
-    assert not _use_depthwise(1, 1, 9, training=False)  # already depthwise
-    assert not _use_depthwise(4, 1, 3, training=False)  # small kernel
+    assert stage3._format_eval == [CHANNELS_LAST, CHANNELS_LAST, NCHW, NCHW]
+    assert stage3._format_train == [KEEP] * 4
+    assert _plan_branch(1, 1, 9, training=False) == (False, NCHW)  # already depthwise
+    assert _plan_branch(4, 1, 3, training=False) == (False, NCHW)  # small kernel
+    assert _plan_branch(8, 2, 9, training=True) == (False, KEEP)  # 2 outputs: only in inference
+
+
+@pytest.mark.parametrize('fmt', [KEEP, NCHW, CHANNELS_LAST])
+def test_memory_format_switch_is_cpu_only_and_keeps_values(fmt):
+    x = torch.randn(2, 8, 5, 5).to(memory_format=CL)
+    y = _to_memory_format(x, fmt)
+    torch.testing.assert_close(y, x, atol=0, rtol=0)
+    expected = {KEEP: CL, NCHW: torch.contiguous_format, CHANNELS_LAST: CL}[fmt]
+    assert y.is_contiguous(memory_format=expected)
+    meta = torch.empty(2, 8, 5, 5, device='meta').to(memory_format=CL)
+    assert _to_memory_format(meta, fmt) is meta  # other devices keep the caller's format
 
 
 PSA_CONFIGS = [
@@ -104,6 +119,22 @@ def test_psa_layer_matches_reference(cfg, train, channels_last):
     names = ['input'] + [n for n, _ in ours.named_parameters()]
     for name, g, g_ref in zip(names, grads, ref_grads):
         torch.testing.assert_close(g, g_ref, **TOL, msg=lambda m, n=name: f'grad of {n}: {m}')
+
+
+@pytest.mark.parametrize('cfg', PSA_CONFIGS)
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+def test_psa_layer_matches_reference_in_inference_mode(cfg, channels_last):
+    """Without autograd the branches are concatenated straight into the caller's format."""
+    ref, ours = _psa_pair(cfg)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(2, cfg['inplanes'], 14, 14)
+    if channels_last:
+        x = x.to(memory_format=CL)
+    with torch.inference_mode():
+        out, expected = ours(x), ref(x)
+    torch.testing.assert_close(out, expected, **TOL)
+    assert out.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
 
 
 # whole networks with every fast path: tests/models/test_epsanet.py::test_matches_reference_with_gradients

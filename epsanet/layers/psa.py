@@ -67,6 +67,12 @@ class PyramidSqueezeAttention(nn.Module):
         rd_ratio: SE reduction; the SE works on ``out_chs // S`` channels.
         rd_channels: explicit SE hidden width, overrides ``rd_ratio``.
         act_layer: activation inside the SE module.
+        save_output_for_backward: training memory saver: autograd keeps the layer's output
+            instead of the branch features (the attention gradient is recovered from the
+            output, since the attention weights are >= 1 / (1 + (S - 1) e) > 0). Only for a
+            layer whose output is not changed in place afterwards, e.g. one followed by a
+            BatchNorm, which keeps that same tensor: then it saves one feature map per layer.
+            :class:`~epsanet.models.epsanet.PSABottleneck` turns it on.
 
     Raises:
         ValueError: for a configuration the layer cannot build (the message names the rule).
@@ -84,6 +90,7 @@ class PyramidSqueezeAttention(nn.Module):
             rd_ratio: float = 1. / 16,
             rd_channels: Optional[int] = None,
             act_layer: Type[nn.Module] = nn.ReLU,
+            save_output_for_backward: bool = False,
             device=None,
             dtype=None,
     ):
@@ -112,6 +119,7 @@ class PyramidSqueezeAttention(nn.Module):
         self.se = PSAGate(branch_out, rd_channels, act_layer=act_layer, **dd)
         self.stride = stride
         self.dilation = dilation
+        self.save_output_for_backward = save_output_for_backward
         self._branch_in = branch_in
         # formulation and memory format of each branch and mode, fixed at construction (see _plan_branch)
         eval_plan = [
@@ -162,7 +170,7 @@ class PyramidSqueezeAttention(nn.Module):
         # one batched SE over all branches: [N * S, C, 1, 1]
         pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
         attn = self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
-        return _in_format_of(feats * attn, x)
+        return _in_format_of(_scale_by_attention(feats, attn, self.save_output_for_backward), x)
 
 
 PSA = PyramidSqueezeAttention
@@ -260,6 +268,38 @@ def _grouped_conv_as_depthwise(
     if out_per_group == 1:
         return outs[0]
     return torch.stack(outs, dim=2).flatten(1, 2)  # channel g * out_per_group + j
+
+
+@torch.fx.wrap
+def _scale_by_attention(feats: torch.Tensor, attn: torch.Tensor, save_output: bool) -> torch.Tensor:
+    """``feats * attn``; with ``save_output`` and autograd on, keeping the product, not ``feats``."""
+    if save_output and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        return _scale_saving_output(feats, attn)
+    return feats * attn
+
+
+@torch.jit.unused
+def _scale_saving_output(feats: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    return _ScaleSavingOutput.apply(feats, attn)
+
+
+class _ScaleSavingOutput(torch.autograd.Function):
+    """``out = feats * attn`` (``attn``: ``[N, C, 1, 1]``, all > 0) that saves ``out``, not ``feats``.
+
+    Backward: ``d feats = g * attn`` and ``d attn = sum_hw(g * feats) = sum_hw(g * out) / attn``.
+    """
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        out = feats * attn
+        ctx.save_for_backward(out, attn)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, attn = ctx.saved_tensors
+        grad_attn = (grad * out).sum(dim=(2, 3), keepdim=True) / attn
+        return grad * attn, grad_attn
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:

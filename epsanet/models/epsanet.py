@@ -84,8 +84,10 @@ class PSABottleneck(nn.Module):
         self.bn1 = norm_layer(first_planes, **dd)
         self.act1 = act_layer(inplace=True)
 
+        # bn2 keeps the PSA output for its backward: the PSA can save that instead of its features
         self.conv2 = PyramidSqueezeAttention(
-            first_planes, width, stride=1 if use_aa else stride, dilation=first_dilation, **psa_kwargs, **dd)
+            first_planes, width, stride=1 if use_aa else stride, dilation=first_dilation,
+            **{'save_output_for_backward': True, **psa_kwargs}, **dd)
         self.bn2 = norm_layer(width, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.act2 = act_layer(inplace=True)

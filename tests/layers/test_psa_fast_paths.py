@@ -143,3 +143,28 @@ def test_psa_layer_matches_reference_in_inference_mode(cfg, channels_last):
 def test_fold_batchnorm_refuses_training_mode():
     with pytest.raises(ValueError, match='eval'):
         fold_batchnorm(timm.create_model('epsanet50', num_classes=10))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_saving_the_output_for_backward_gives_the_same_gradients(dtype):
+    """The memory saver recovers the attention gradient from the output: same numbers."""
+    torch.manual_seed(0)
+    plain = PSA(64, 64).to(dtype).train()
+    saver = PSA(64, 64, save_output_for_backward=True).to(dtype).train()
+    saver.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 64, 10, 10, dtype=dtype)
+    up = torch.randn(2, 64, 10, 10, dtype=dtype)
+    grads = [torch.autograd.grad((m(xi) * up).sum(), [xi] + list(m.parameters()))
+             for m, xi in ((plain, x.clone().requires_grad_()), (saver, x.clone().requires_grad_()))]
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_saving_the_output_refuses_a_later_in_place_change():
+    """Documented limit: an in-place op on the output is caught by autograd, never silently wrong."""
+    layer = PSA(64, 64, save_output_for_backward=True).train()
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    out = torch.relu_(layer(x))
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        out.sum().backward()

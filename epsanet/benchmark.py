@@ -6,13 +6,20 @@ hits all of them alike; the reported time is the median over the repetitions.
 
 Candidates:
 
-* ``<model>``: ours, as ``timm.create_model(<model>)`` gives it (``optimize=True`` adds, for
-  inference only, the documented one-line :func:`epsanet.layers.fold_bn.optimize_for_inference`);
+* ``<model>``: ours, as ``timm.create_model(<model>)`` gives it; ``optimize=True`` adds the
+  documented one-line setting (:func:`optimized_for`): for inference
+  :func:`epsanet.layers.fold_bn.optimize_for_inference`, for training
+  ``model.to(memory_format=torch.channels_last)``;
 * ``reference``: :func:`epsanet.reference.create_reference`, the literal authors'-style network,
   holding the *same weights* (ours loads the reference's authors'-layout checkpoint through
   :func:`epsanet.models.epsanet.checkpoint_filter_fn`); for every inference setting the logits
   of ours and the reference on the same input are compared (``max_abs_diff``);
 * baselines: any timm model name, by default ``resnet50`` and ``seresnet50``.
+
+A setting's memory format is the format of the *input*. In an NCHW setting every model is
+used as created (plus ours' one-line setting with ``optimize``), so the reference and the
+baselines run NCHW; in a channels_last setting every model is converted with
+``model.to(memory_format=torch.channels_last)``.
 
 Measurements:
 
@@ -50,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['BenchmarkReport', 'Setting', 'TARGETS', 'build_candidates', 'run_benchmark']
+__all__ = ['BenchmarkReport', 'Setting', 'TARGETS', 'build_candidates', 'optimized_for', 'run_benchmark']
 
 MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 DTYPES = ('fp32', 'bf16')
@@ -217,6 +224,27 @@ def build_candidates(
     return {k: m.eval() for k, m in candidates.items()}
 
 
+def optimized_for(model: nn.Module, mode: str) -> nn.Module:
+    """Ours with the documented one-line setting of ``mode`` (the input may stay NCHW):
+
+    * ``'infer'``: ``epsanet.optimize_for_inference(model)`` (BatchNorm folded, weights
+      channels_last);
+    * ``'train'``: ``model.to(memory_format=torch.channels_last)``: the first conv then returns
+      channels_last and the whole network trains in it (faster on x86 CPUs).
+    """
+    if mode == 'infer':
+        from .layers.fold_bn import optimize_for_inference
+        return optimize_for_inference(model.eval())
+    return model.to(memory_format=torch.channels_last)
+
+
+def _in_setting_format(model: nn.Module, setting: Setting) -> nn.Module:
+    """``model`` itself (NCHW input: used as created) or a channels_last copy."""
+    if setting.memory_format == 'channels_last':
+        return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return model
+
+
 def _autocast(dtype: str):
     return torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bf16')
 
@@ -228,7 +256,7 @@ def _make_step(model: nn.Module, setting: Setting, compiled: bool, seed: int) ->
     x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size, generator=gen)
     x = x.contiguous(memory_format=fmt)
     if setting.mode == 'infer':
-        model = model.eval().to(memory_format=fmt)
+        model = _in_setting_format(model, setting).eval()
         run = torch.compile(model) if compiled else model
 
         def infer():
@@ -236,7 +264,7 @@ def _make_step(model: nn.Module, setting: Setting, compiled: bool, seed: int) ->
                 return run(x)
         return infer, model
 
-    model = copy.deepcopy(model).train().to(memory_format=fmt)  # keeps the shared weights unchanged
+    model = copy.deepcopy(_in_setting_format(model, setting)).train()  # keeps the shared weights unchanged
     run = torch.compile(model) if compiled else model
     target = torch.randint(0, 1000, (setting.batch_size,), generator=gen) % _num_classes(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -262,8 +290,8 @@ def _max_abs_diff(ours: nn.Module, reference: nn.Module, setting: Setting, seed:
     x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size, generator=gen)
     x = x.contiguous(memory_format=fmt)
     with torch.inference_mode(), _autocast(setting.dtype):
-        a = ours.eval().to(memory_format=fmt)(x).float()
-        b = reference.eval().to(memory_format=fmt)(x).float()
+        a = _in_setting_format(ours, setting).eval()(x).float()
+        b = _in_setting_format(reference, setting).eval()(x).float()
     return (a - b).abs().max().item()
 
 
@@ -350,9 +378,8 @@ def _probe(spec: Dict[str, Any]) -> Dict[str, float]:
         model = create_reference(spec['model'])
     else:
         model = timm.create_model(name)
-        if spec['optimize'] and name == spec['model'] and spec['setting']['mode'] == 'infer':
-            from .layers.fold_bn import optimize_for_inference
-            model = optimize_for_inference(model.eval())
+        if spec['optimize'] and name == spec['model']:
+            model = optimized_for(model, spec['setting']['mode'])
     step, model = _make_step(model, Setting(**spec['setting']), False, seed=0)
     before = _rss_bytes()
     max_before = _max_rss_bytes()
@@ -472,8 +499,8 @@ def run_benchmark(
     candidates = build_candidates(model_name, baselines, seed=seed)
     infer_candidates = dict(candidates)
     if optimize:
-        from .layers.fold_bn import optimize_for_inference
-        infer_candidates[model_name] = optimize_for_inference(copy.deepcopy(candidates[model_name]))
+        infer_candidates[model_name] = optimized_for(copy.deepcopy(candidates[model_name]), 'infer')
+        candidates[model_name] = optimized_for(copy.deepcopy(candidates[model_name]), 'train')
     main = [Setting(m, batch_size, img_size, f, d) for m in modes for f in memory_formats for d in dtypes]
     sweep = [Setting('infer', b, img_size, memory_formats[0], 'fp32') for b in batch_sweep if b != batch_size]
     sweep += [Setting('infer', batch_size, s, memory_formats[0], 'fp32') for s in img_sweep if s != img_size]
@@ -524,9 +551,10 @@ def run_benchmark(
     targets = _evaluate_targets(model_name, rows, memory_rows, Setting('infer', batch_size, img_size))
     notes = []
     if optimize:
-        notes.append(f'{model_name} inference runs after `optimize_for_inference(model)` '
-                     '(epsanet.layers.fold_bn: BatchNorm folded into the convs, weights channels_last; inputs as '
-                     'in the table); training uses the model as created.')
+        notes.append(f'{model_name} runs with its one-line setting: inference after '
+                     '`epsanet.optimize_for_inference(model)` (BatchNorm folded, weights channels_last), training '
+                     'after `model.to(memory_format=torch.channels_last)`. The format column is the input\'s; in '
+                     'NCHW rows the other models run as created.')
     return BenchmarkReport(model_name, rows, memory_rows, targets, config, _environment(), logits_ok, notes)
 
 

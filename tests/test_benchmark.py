@@ -6,8 +6,18 @@ performance guard.
 import json
 
 import pytest
+import timm
+import torch
 
-from epsanet.benchmark import REFERENCE, BenchmarkReport, Setting, measure_peak_memory, run_benchmark
+from epsanet.benchmark import (
+    REFERENCE,
+    BenchmarkReport,
+    Setting,
+    _in_setting_format,
+    measure_peak_memory,
+    optimized_for,
+    run_benchmark,
+)
 from epsanet.cli import main
 
 TINY = dict(batch_size=2, img_size=32, baselines=('resnet18',), batch_sweep=(1,), img_sweep=(), reps=2,
@@ -63,6 +73,19 @@ def test_peak_memory_probe_runs_in_a_fresh_process():
     peak = measure_peak_memory('epsanet50', 'epsanet50', Setting('train', 2, 32))
     assert peak > 0  # at least the gradients and momentum buffers of 25 M parameters
     assert peak < 4096
+
+
+def test_input_format_settings_and_one_line_settings():
+    """NCHW rows use models as created; channels_last rows convert a copy; ours' settings."""
+    model = timm.create_model('resnet18')
+    assert _in_setting_format(model, Setting(memory_format='nchw')) is model
+    cl = _in_setting_format(model, Setting(memory_format='channels_last'))
+    assert cl is not model and cl.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.conv1.weight.is_contiguous()  # the shared model is left as it was
+    ours = optimized_for(timm.create_model('epsanet50', num_classes=4), 'train')
+    assert ours.training and ours.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    ours = optimized_for(ours, 'infer')
+    assert not ours.training and isinstance(ours.layer1[0].bn1, torch.nn.Identity)  # BatchNorm folded
 
 
 @pytest.mark.parametrize('kwargs,needle', [

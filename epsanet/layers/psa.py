@@ -15,11 +15,17 @@ Two input forms:
 Paper: "EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network",
 Zhang et al., ACCV 2022, https://arxiv.org/abs/2105.14447
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .branch_conv import branch_conv, in_format_of, is_channels_last, plan_branch, to_memory_format
+
+# leaves for torch.fx here as well: fx patches the globals of the module that calls them
+torch.fx.wrap('branch_conv')
+torch.fx.wrap('in_format_of')
+torch.fx.wrap('to_memory_format')
 
 __all__ = ['PyramidSqueezeAttention', 'PSA', 'PSAGate']
 
@@ -121,56 +127,42 @@ class PyramidSqueezeAttention(nn.Module):
         self.dilation = dilation
         self.save_output_for_backward = save_output_for_backward
         self._branch_in = branch_in
-        # formulation and memory format of each branch and mode, fixed at construction (see _plan_branch)
-        eval_plan = [
-            _plan_branch(branch_in // g, branch_out // g, k, training=False) for k, g in zip(kernel_sizes, groups)]
-        self._depthwise_eval = [d for d, _ in eval_plan]
-        self._format_eval = [f for _, f in eval_plan]
-        self._depthwise_train = [
-            _plan_branch(branch_in // g, branch_out // g, k, training=True)[0] for k, g in zip(kernel_sizes, groups)]
-        # training: the backward of grouped convs with few channels per group is 2-4x faster in
-        # channels_last, so layers with such a branch run every branch in it
-        train_cl = any(g > 1 and branch_in // g < 16 for g in groups)
-        self._format_train = [CHANNELS_LAST if train_cl else KEEP] * num_branches
+        # forward formulation and memory format of each branch (see branch_conv.plan_branch)
+        plans = [plan_branch(branch_in // g, branch_out // g, k) for k, g in zip(kernel_sizes, groups)]
+        self._depthwise = [p[0] for p in plans]
+        self._depthwise_autograd = [p[1] for p in plans]
+        self._formats = [p[2] for p in plans]
 
     def extra_repr(self) -> str:
         return (
             f'{self.in_chs}, {self.out_chs}, kernel_sizes={self.kernel_sizes}, groups={self.groups}, '
             f'split_input={self.split_input}')
 
-    def _branch(self, i: int, weight: torch.Tensor, x: torch.Tensor, as_depthwise: bool) -> torch.Tensor:
-        k, g = self.kernel_sizes[i], self.groups[i]
-        # the weight in x's memory format: a channels_last weight would switch the conv to channels_last
-        weight = _in_format_of(weight, x)
-        if as_depthwise:
-            return _grouped_conv_as_depthwise(
-                x, weight, g, self._branch_in // g, self.branch_chs, k, self.stride, self.dilation)
-        return F.conv2d(x, weight, None, self.stride, self.dilation * (k // 2), self.dilation, g)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Each branch runs in the formulation and memory format that is fastest for its shape on
-        # oneDNN (x86 CPU), whatever format the caller uses (see _plan_branch); the result comes
-        # back in the caller's format. On other devices the branches keep the caller's format.
-        if self.training:
-            depthwise, formats = self._depthwise_train, self._format_train
-        else:
-            depthwise, formats = self._depthwise_eval, self._format_eval
+        # Each branch runs in the form that is fastest for its shape on oneDNN (x86 CPU), whatever
+        # format the caller uses (see epsanet.layers.branch_conv); the result comes back in the
+        # caller's format.
         inputs: Dict[int, torch.Tensor] = {}  # x in each memory format the branches use
         outs: List[torch.Tensor] = []
         for i, conv in enumerate(self.convs):
-            if formats[i] not in inputs:
-                inputs[formats[i]] = _to_memory_format(x, formats[i])
-            branch_in = inputs[formats[i]]
+            fmt = self._formats[i]
+            if fmt not in inputs:
+                inputs[fmt] = to_memory_format(x, fmt)
+            x_i, x_fwd = x, inputs[fmt]
             if self.split_input:
-                branch_in = torch.chunk(branch_in, self.num_branches, dim=1)[i]
-            # reversed branch order: the largest kernel first
-            outs.insert(0, self._branch(i, conv.weight, branch_in, depthwise[i]))
+                x_i = torch.chunk(x, self.num_branches, dim=1)[i]
+                x_fwd = torch.chunk(x_fwd, self.num_branches, dim=1)[i]
+            g = self.groups[i]
+            out = branch_conv(
+                x_i, x_fwd, conv.weight, g, self._branch_in // g, self.branch_chs, self.kernel_sizes[i], self.stride,
+                self.dilation, self._depthwise[i], self._depthwise_autograd[i])
+            outs.insert(0, out)  # reversed branch order: the largest kernel first
         feats = _concat_in_format_of(outs, x)
         s, c = self.num_branches, self.branch_chs
         # one batched SE over all branches: [N * S, C, 1, 1]
         pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
         attn = self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
-        return _in_format_of(_scale_by_attention(feats, attn, self.save_output_for_backward), x)
+        return in_format_of(_scale_by_attention(feats, attn, self.save_output_for_backward), x)
 
 
 PSA = PyramidSqueezeAttention
@@ -212,64 +204,6 @@ def _check_config(
                 f'({branch_in}) and its output channels ({branch_out}).')
 
 
-# memory formats a branch can run in: the caller's, NCHW or channels_last
-KEEP, NCHW, CHANNELS_LAST = 0, 1, 2  # (_to_memory_format spells them as literals)
-
-
-def _plan_branch(in_per_group: int, out_per_group: int, kernel_size: int, training: bool) -> Tuple[bool, int]:
-    """``(as_depthwise, memory_format)`` of one branch conv: its fastest form on oneDNN (x86 CPU).
-
-    Measured per EPSANet-50 branch shape (torch 2.14, oneDNN 3.12, AVX-512, batch 8, 224 px);
-    all forms give the same numbers:
-
-    * grouped convs with a large kernel and 1-2 output channels per group are 3-10x slower in
-      oneDNN than depthwise convs doing the same multiply-adds, so they run as depthwise convs
-      plus a sum over each group's input channels (:func:`_grouped_conv_as_depthwise`). In
-      training only the 1-output case wins (the backward of the 2-output case is slower).
-    * inference: grouped convs with fewer than 64 input channels per group are faster in NCHW,
-      dense and wider-group convs in channels_last; the 1-output depthwise form is fastest in
-      NCHW, the 2-output one in channels_last.
-    * training: the memory format is chosen for the whole layer (see ``__init__``).
-    """
-    as_depthwise = in_per_group > 1 and kernel_size >= 7 and out_per_group <= (1 if training else 2)
-    if training:
-        return as_depthwise, KEEP
-    if as_depthwise:
-        return True, NCHW if out_per_group == 1 else CHANNELS_LAST
-    return False, CHANNELS_LAST if in_per_group >= 64 else NCHW
-
-
-def _grouped_conv_as_depthwise(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        groups: int,
-        in_per_group: int,
-        out_chs: int,
-        kernel_size: int,
-        stride: int,
-        dilation: int,
-) -> torch.Tensor:
-    """``conv2d(x, weight, groups=groups)`` computed with depthwise convs and sums.
-
-    Output channel ``j`` of group ``g`` is the sum over the group's ``I`` input channels ``i`` of
-    ``x[g, i] * weight[g, j, i]``: one depthwise conv over all input channels per output channel
-    ``j`` of a group, then a sum over ``i``. Same multiply-adds, but depthwise convs have
-    specialised kernels. Channel counts come as ints (not from ``weight.shape``) so that
-    torch.fx can trace the branch on them.
-    """
-    out_per_group = out_chs // groups
-    per_out = weight.reshape(groups, out_per_group, in_per_group, kernel_size, kernel_size)
-    outs: List[torch.Tensor] = []
-    for j in range(out_per_group):
-        y = F.conv2d(
-            x, per_out[:, j].reshape(groups * in_per_group, 1, kernel_size, kernel_size), None, stride,
-            dilation * (kernel_size // 2), dilation, groups * in_per_group)
-        outs.append(y.unflatten(1, (groups, in_per_group)).sum(dim=2))
-    if out_per_group == 1:
-        return outs[0]
-    return torch.stack(outs, dim=2).flatten(1, 2)  # channel g * out_per_group + j
-
-
 @torch.fx.wrap
 def _scale_by_attention(feats: torch.Tensor, attn: torch.Tensor, save_output: bool) -> torch.Tensor:
     """``feats * attn``; with ``save_output`` and autograd on, keeping the product, not ``feats``."""
@@ -302,40 +236,18 @@ class _ScaleSavingOutput(torch.autograd.Function):
         return grad * attn, grad_attn
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-@torch.fx.wrap
-def _in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` in ``like``'s memory format (NCHW or channels_last); a leaf for torch.fx."""
-    if _is_channels_last(like):
-        return t.contiguous(memory_format=torch.channels_last)
-    return t.contiguous()
-
-
-@torch.fx.wrap
-def _to_memory_format(x: torch.Tensor, memory_format: int) -> torch.Tensor:
-    """``x`` in a branch's memory format (``KEEP``, ``NCHW``, ``CHANNELS_LAST``); CPU only."""
-    # literals, not the module constants: TorchScript cannot read globals
-    if memory_format == 0 or x.device.type != 'cpu':
-        return x
-    if memory_format == 2:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.contiguous()
-
-
 @torch.fx.wrap
 def _concat_in_format_of(tensors: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """``torch.cat(tensors, 1)``, written straight into ``like``'s memory format when no
-    gradient is needed (saves converting the PSA output afterwards)."""
+    """``torch.cat(tensors, 1)`` in ``like``'s memory format, so that the PSA output needs no
+    conversion afterwards (with autograd, the output the memory saver keeps is then the very
+    tensor the next layer gets). Without autograd it is written straight into that format."""
     if torch.is_grad_enabled():
-        return torch.cat(tensors, 1)
+        return torch.cat([in_format_of(t, like) for t in tensors], 1)
     shape = tensors[0].shape
     channels = 0
     for t in tensors:
         channels += t.shape[1]
-    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
     out = torch.empty((shape[0], channels, shape[2], shape[3]), dtype=tensors[0].dtype, device=tensors[0].device,
                       memory_format=fmt)
     return torch.cat(tensors, 1, out=out)

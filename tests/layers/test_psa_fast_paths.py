@@ -13,8 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from epsanet import PSA
+from epsanet.layers.branch_conv import (
+    CHANNELS_LAST,
+    KEEP,
+    NCHW,
+    _conv_forward,
+    branch_conv,
+    grouped_conv_as_depthwise,
+    plan_branch,
+    to_memory_format,
+)
 from epsanet.layers.fold_bn import fold_batchnorm
-from epsanet.layers.psa import CHANNELS_LAST, KEEP, NCHW, _grouped_conv_as_depthwise, _plan_branch, _to_memory_format
 from epsanet.reference import ReferencePSA
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -39,7 +48,7 @@ def test_grouped_conv_as_depthwise(in_chs, out_chs, groups, k, stride, dilation,
     w = (torch.randn(out_chs, in_chs // groups, k, k) / fan_in ** 0.5).requires_grad_(True)
     pad = dilation * (k // 2)
     ref = F.conv2d(x, w, None, stride, pad, dilation, groups)
-    out = _grouped_conv_as_depthwise(x, w, groups, in_chs // groups, out_chs, k, stride, dilation)
+    out = grouped_conv_as_depthwise(x, w, groups, in_chs // groups, out_chs, k, stride, dilation)
     torch.testing.assert_close(out, ref, **TOL)
     up = torch.randn_like(ref)
     g = torch.autograd.grad((out * up).sum(), [x, w])
@@ -49,30 +58,58 @@ def test_grouped_conv_as_depthwise(in_chs, out_chs, groups, k, stride, dilation,
 
 
 def test_dispatch_uses_the_fast_paths_where_measured():
-    """The plan of Small stage 1 and stage 3 layers (see _plan_branch for the measurements)."""
+    """The plans of Small stage-1 and stage-3 layers (measurements: epsanet/layers/branch_conv.py)."""
     layer = PSA(64, 64)  # per group (in/out): 3x3 64/16, 5x5 16/4, 7x7 8/2, 9x9 4/1
-    assert layer._depthwise_eval == [False, False, True, True]
-    assert layer._format_eval == [CHANNELS_LAST, NCHW, CHANNELS_LAST, NCHW]
-    assert layer._depthwise_train == [False, False, False, True]
-    assert layer._format_train == [CHANNELS_LAST] * 4
+    assert layer._depthwise == [False, False, True, True]
+    assert layer._depthwise_autograd == [False, False, False, True]
+    assert layer._formats == [CHANNELS_LAST, NCHW, CHANNELS_LAST, NCHW]
     stage3 = PSA(256, 256)  # 256/64, 64/16, 32/8, 16/4: oneDNN's grouped conv is fast enough
-    assert not any(stage3._depthwise_eval) and not any(stage3._depthwise_train)
-    assert stage3._format_eval == [CHANNELS_LAST, CHANNELS_LAST, NCHW, NCHW]
-    assert stage3._format_train == [KEEP] * 4
-    assert _plan_branch(1, 1, 9, training=False) == (False, NCHW)  # already depthwise
-    assert _plan_branch(4, 1, 3, training=False) == (False, NCHW)  # small kernel
-    assert _plan_branch(8, 2, 9, training=True) == (False, KEEP)  # 2 outputs: only in inference
+    assert not any(stage3._depthwise) and not any(stage3._depthwise_autograd)
+    assert stage3._formats == [CHANNELS_LAST, CHANNELS_LAST, NCHW, NCHW]
+    assert plan_branch(1, 1, 9) == (False, False, NCHW)  # already depthwise
+    assert plan_branch(4, 1, 3) == (False, False, NCHW)  # small kernel
+    assert plan_branch(8, 2, 9) == (True, False, CHANNELS_LAST)  # 2 outputs: autograd's own backward is slow
+
+
+@pytest.mark.parametrize('as_depthwise', [False, True], ids=['grouped', 'depthwise'])
+@pytest.mark.parametrize('fwd_format', [NCHW, CHANNELS_LAST], ids=['fwd-nchw', 'fwd-cl'])
+@pytest.mark.parametrize('grad_mode', ['fast-backward', 'autograd', 'no-grad'])
+def test_branch_conv_equals_conv2d_in_every_path(as_depthwise, fwd_format, grad_mode):
+    """branch_conv's paths: CPU autograd (planned forward, the grouped conv's backward in
+    channels_last), autograd through the formulation (TorchScript, other devices), no grad."""
+    torch.manual_seed(0)
+    groups, k, stride, dilation = 8, 7, 2, 1  # 8 in / 2 out per group
+    x = torch.randn(2, 64, 13, 13, requires_grad=True)
+    w = (torch.randn(16, 8, k, k) / (8 * k * k) ** 0.5).requires_grad_(True)
+    ref = F.conv2d(x, w, None, stride, k // 2, dilation, groups)
+    args = (w, groups, 8, 16, k, stride, dilation)
+    if grad_mode == 'no-grad':
+        with torch.no_grad():
+            out = branch_conv(x, to_memory_format(x, fwd_format), *args, as_depthwise, False)
+        torch.testing.assert_close(out, ref, **TOL)
+        return
+    if grad_mode == 'fast-backward':
+        out = branch_conv(x, to_memory_format(x, fwd_format), *args, as_depthwise, False)
+        assert type(out.grad_fn).__name__ == '_FastForwardGroupedConvBackward'
+    else:  # what TorchScript and other devices run: autograd through the formulation itself
+        out = _conv_forward(to_memory_format(x, fwd_format), *args, as_depthwise)
+    torch.testing.assert_close(out, ref, **TOL)
+    up = torch.randn_like(ref)
+    g = torch.autograd.grad((out * up).sum(), [x, w])
+    g_ref = torch.autograd.grad((ref * up).sum(), [x, w])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 @pytest.mark.parametrize('fmt', [KEEP, NCHW, CHANNELS_LAST])
 def test_memory_format_switch_is_cpu_only_and_keeps_values(fmt):
     x = torch.randn(2, 8, 5, 5).to(memory_format=CL)
-    y = _to_memory_format(x, fmt)
+    y = to_memory_format(x, fmt)
     torch.testing.assert_close(y, x, atol=0, rtol=0)
     expected = {KEEP: CL, NCHW: torch.contiguous_format, CHANNELS_LAST: CL}[fmt]
     assert y.is_contiguous(memory_format=expected)
     meta = torch.empty(2, 8, 5, 5, device='meta').to(memory_format=CL)
-    assert _to_memory_format(meta, fmt) is meta  # other devices keep the caller's format
+    assert to_memory_format(meta, fmt) is meta  # other devices keep the caller's format
 
 
 PSA_CONFIGS = [
@@ -168,3 +205,24 @@ def test_saving_the_output_refuses_a_later_in_place_change():
     out = torch.relu_(layer(x))
     with pytest.raises(RuntimeError, match='modified by an inplace operation'):
         out.sum().backward()
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+def test_memory_saver_keeps_the_returned_tensor_and_no_feature_copy(channels_last):
+    """With the saver on, autograd keeps the very tensor the layer returns (which the next
+    BatchNorm keeps anyway), the input, the weights and [N, C, 1, 1]-sized SE tensors: no
+    other feature map, whatever memory format the branches ran in."""
+    layer = PSA(64, 64, save_output_for_backward=True).train()
+    x = torch.randn(2, 64, 16, 16)
+    if channels_last:
+        x = x.to(memory_format=CL)
+    x.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    feature_maps = {t.data_ptr() for t in saved if t.dim() == 4 and t.shape[0] == 2 and t.shape[-1] > 1}
+    assert feature_maps == {x.data_ptr(), out.data_ptr()}

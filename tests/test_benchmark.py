@@ -73,6 +73,7 @@ def test_peak_memory_probe_runs_in_a_fresh_process():
     peak = measure_peak_memory('epsanet50', 'epsanet50', Setting('train', 2, 32))
     assert peak > 0  # at least the gradients and momentum buffers of 25 M parameters
     assert peak < 4096
+    assert 0 < measure_peak_memory('epsanet50', 'epsanet50', Setting('train', 2, 32), grad_checkpointing=True) < 4096
 
 
 def test_input_format_settings_and_one_line_settings():

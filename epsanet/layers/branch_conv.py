@@ -70,8 +70,10 @@ def branch_conv(
 
     ``x_fwd`` is ``x`` in the planned memory format (the caller converts once per layer).
     A leaf for torch.fx: which path runs depends on the grad mode and device at call time.
+    TorchScript (scripted or traced) gets the plain formulation: it cannot hold the custom
+    autograd function.
     """
-    if torch.is_grad_enabled() and x.device.type == 'cpu' and not torch.jit.is_scripting():
+    if torch.is_grad_enabled() and x.device.type == 'cpu' and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
         return _fast_forward_grouped_conv(
             x, x_fwd, weight, groups, in_per_group, out_chs, kernel_size, stride, dilation, as_depthwise)
     return _conv_forward(

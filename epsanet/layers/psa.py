@@ -207,7 +207,7 @@ def _check_config(
 @torch.fx.wrap
 def _scale_by_attention(feats: torch.Tensor, attn: torch.Tensor, save_output: bool) -> torch.Tensor:
     """``feats * attn``; with ``save_output`` and autograd on, keeping the product, not ``feats``."""
-    if save_output and torch.is_grad_enabled() and not torch.jit.is_scripting():
+    if save_output and torch.is_grad_enabled() and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
         return _scale_saving_output(feats, attn)
     return feats * attn
 

@@ -119,8 +119,10 @@ def _fast_forward_grouped_conv(
 class _FastForwardGroupedConv(torch.autograd.Function):
     """A grouped conv: planned forward, the grouped conv's own backward in channels_last.
 
-    Saves ``x`` as the caller gave it (no extra copy lives until the backward). Supports one
-    backward pass (no double backward).
+    Saves ``x`` as the caller gave it (no extra copy lives until the backward). Under autocast
+    the backward runs in the forward's compute dtype and returns gradients in the dtypes of
+    ``x`` and ``weight``, as autocast's own casts would. Supports one backward pass (no double
+    backward).
     """
 
     @staticmethod
@@ -135,10 +137,15 @@ class _FastForwardGroupedConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         cl = torch.channels_last
+        dtype = grad.dtype  # the forward's compute dtype (e.g. bfloat16 under autocast)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl),
-            None, [stride, stride], [padding, padding], [dilation, dilation], False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
+            grad.contiguous(memory_format=cl), x.to(dtype).contiguous(memory_format=cl),
+            weight.to(dtype).contiguous(memory_format=cl), None, [stride, stride], [padding, padding],
+            [dilation, dilation], False, [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
         return grad_x, None, grad_w, None, None, None, None, None, None, None
 
 

@@ -226,3 +226,22 @@ def test_memory_saver_keeps_the_returned_tensor_and_no_feature_copy(channels_las
         out = layer(x)
     feature_maps = {t.data_ptr() for t in saved if t.dim() == 4 and t.shape[0] == 2 and t.shape[-1] > 1}
     assert feature_maps == {x.data_ptr(), out.data_ptr()}
+
+
+@pytest.mark.parametrize('x_dtype', [torch.bfloat16, torch.float32])
+def test_fast_backward_under_bf16_autocast(x_dtype):
+    """The custom backward runs in the forward's compute dtype and hands back gradients in the
+    dtypes autocast's own casts would: the same as plain conv2d under autocast."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 13, 13).to(x_dtype).requires_grad_(True)
+    w = (torch.randn(16, 8, 7, 7) / 20).requires_grad_(True)
+    up = torch.randn(2, 16, 13, 13)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = branch_conv(x, to_memory_format(x, CHANNELS_LAST), w, 8, 8, 16, 7, 1, 1, True, False)
+        ref = F.conv2d(x, w, None, 1, 3, 1, 8)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    grads = torch.autograd.grad((out.float() * up).sum(), [x, w])
+    ref_grads = torch.autograd.grad((ref.float() * up).sum(), [x, w])
+    for g, g_ref in zip(grads, ref_grads):
+        assert g.dtype == g_ref.dtype
+        torch.testing.assert_close(g.float(), g_ref.float(), atol=2e-2 * g_ref.abs().max().item(), rtol=0)

@@ -30,6 +30,15 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 CL = torch.channels_last
 
 
+def _assert_same_grads(out, ref, inputs):
+    """The gradients of ``out`` and ``ref`` for one random upstream gradient agree."""
+    up = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * up).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * up).sum(), inputs)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 @pytest.mark.parametrize('in_chs,out_chs,groups,k,stride,dilation', [
     (64, 16, 16, 9, 1, 1),  # Small stage 1, 9x9: 4 in / 1 out per group
     (64, 16, 8, 7, 1, 1),  # Small stage 1, 7x7: 8 in / 2 out per group (replicated input)
@@ -50,11 +59,7 @@ def test_grouped_conv_as_depthwise(in_chs, out_chs, groups, k, stride, dilation,
     ref = F.conv2d(x, w, None, stride, pad, dilation, groups)
     out = grouped_conv_as_depthwise(x, w, groups, in_chs // groups, out_chs, k, stride, dilation)
     torch.testing.assert_close(out, ref, **TOL)
-    up = torch.randn_like(ref)
-    g = torch.autograd.grad((out * up).sum(), [x, w])
-    g_ref = torch.autograd.grad((ref * up).sum(), [x, w])
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, **TOL)
+    _assert_same_grads(out, ref, [x, w])
 
 
 def test_dispatch_uses_the_fast_paths_where_measured():
@@ -94,11 +99,7 @@ def test_branch_conv_equals_conv2d_in_every_path(as_depthwise, fwd_format, grad_
     else:  # what TorchScript and other devices run: autograd through the formulation itself
         out = _conv_forward(to_memory_format(x, fwd_format), *args, as_depthwise)
     torch.testing.assert_close(out, ref, **TOL)
-    up = torch.randn_like(ref)
-    g = torch.autograd.grad((out * up).sum(), [x, w])
-    g_ref = torch.autograd.grad((ref * up).sum(), [x, w])
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, **TOL)
+    _assert_same_grads(out, ref, [x, w])
 
 
 @pytest.mark.parametrize('fmt', [KEEP, NCHW, CHANNELS_LAST])

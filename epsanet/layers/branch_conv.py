@@ -73,9 +73,10 @@ def branch_conv(
     TorchScript (scripted or traced) gets the plain formulation: it cannot hold the custom
     autograd function.
     """
-    if torch.is_grad_enabled() and x.device.type == 'cpu' and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-        return _fast_forward_grouped_conv(
-            x, x_fwd, weight, groups, in_per_group, out_chs, kernel_size, stride, dilation, as_depthwise)
+    if not torch.jit.is_scripting():  # TorchScript compiles no code under this line
+        if torch.is_grad_enabled() and x.device.type == 'cpu' and not torch.jit.is_tracing():
+            return _FastForwardGroupedConv.apply(
+                x, x_fwd, weight, groups, in_per_group, out_chs, kernel_size, stride, dilation, as_depthwise)
     return _conv_forward(
         x_fwd, weight, groups, in_per_group, out_chs, kernel_size, stride, dilation,
         as_depthwise if not torch.is_grad_enabled() else as_depthwise_autograd)
@@ -97,23 +98,6 @@ def _conv_forward(
     if as_depthwise:
         return grouped_conv_as_depthwise(x, weight, groups, in_per_group, out_chs, kernel_size, stride, dilation)
     return F.conv2d(x, weight, None, stride, dilation * (kernel_size // 2), dilation, groups)
-
-
-@torch.jit.unused
-def _fast_forward_grouped_conv(
-        x: torch.Tensor,
-        x_fwd: torch.Tensor,
-        weight: torch.Tensor,
-        groups: int,
-        in_per_group: int,
-        out_chs: int,
-        kernel_size: int,
-        stride: int,
-        dilation: int,
-        as_depthwise: bool,
-) -> torch.Tensor:
-    return _FastForwardGroupedConv.apply(
-        x, x_fwd, weight, groups, in_per_group, out_chs, kernel_size, stride, dilation, as_depthwise)
 
 
 class _FastForwardGroupedConv(torch.autograd.Function):

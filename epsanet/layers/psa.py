@@ -24,7 +24,6 @@ from .branch_conv import branch_conv, in_format_of, is_channels_last, plan_branc
 
 # leaves for torch.fx here as well: fx patches the globals of the module that calls them
 torch.fx.wrap('branch_conv')
-torch.fx.wrap('in_format_of')
 torch.fx.wrap('to_memory_format')
 
 __all__ = ['PyramidSqueezeAttention', 'PSA', 'PSAGate']
@@ -162,7 +161,7 @@ class PyramidSqueezeAttention(nn.Module):
         # one batched SE over all branches: [N * S, C, 1, 1]
         pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
         attn = self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
-        return in_format_of(_scale_by_attention(feats, attn, self.save_output_for_backward), x)
+        return _scale_by_attention(feats, attn, self.save_output_for_backward)  # feats' format: the caller's
 
 
 PSA = PyramidSqueezeAttention
@@ -207,14 +206,10 @@ def _check_config(
 @torch.fx.wrap
 def _scale_by_attention(feats: torch.Tensor, attn: torch.Tensor, save_output: bool) -> torch.Tensor:
     """``feats * attn``; with ``save_output`` and autograd on, keeping the product, not ``feats``."""
-    if save_output and torch.is_grad_enabled() and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-        return _scale_saving_output(feats, attn)
+    if not torch.jit.is_scripting():  # TorchScript compiles no code under this line
+        if save_output and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return _ScaleSavingOutput.apply(feats, attn)
     return feats * attn
-
-
-@torch.jit.unused
-def _scale_saving_output(feats: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    return _ScaleSavingOutput.apply(feats, attn)
 
 
 class _ScaleSavingOutput(torch.autograd.Function):

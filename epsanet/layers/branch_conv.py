@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'KEEP', 'NCHW', 'CHANNELS_LAST', 'plan_branch', 'branch_conv', 'grouped_conv_as_depthwise',
+    'NCHW', 'CHANNELS_LAST', 'plan_branch', 'branch_conv', 'grouped_conv_as_depthwise',
     'to_memory_format', 'in_format_of', 'is_channels_last',
 ]
 
-# memory formats a branch can run in: the caller's, NCHW or channels_last
-KEEP, NCHW, CHANNELS_LAST = 0, 1, 2  # (to_memory_format spells them as literals for TorchScript)
+# the memory formats a branch can run in
+NCHW, CHANNELS_LAST = 0, 1  # (to_memory_format spells them as literals for TorchScript)
 
 
 def plan_branch(in_per_group: int, out_per_group: int, kernel_size: int) -> Tuple[bool, bool, int]:
@@ -178,10 +178,10 @@ def in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @torch.fx.wrap
 def to_memory_format(x: torch.Tensor, memory_format: int) -> torch.Tensor:
-    """``x`` in a branch's memory format (``KEEP``, ``NCHW``, ``CHANNELS_LAST``); CPU only."""
+    """``x`` in a branch's memory format (``NCHW`` or ``CHANNELS_LAST``); other devices keep ``x``."""
     # literals, not the module constants: TorchScript cannot read globals
-    if memory_format == 0 or x.device.type != 'cpu':
+    if x.device.type != 'cpu':
         return x
-    if memory_format == 2:
+    if memory_format == 1:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()

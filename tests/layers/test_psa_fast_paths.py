@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from epsanet import PSA
 from epsanet.layers.branch_conv import (
     CHANNELS_LAST,
-    KEEP,
     NCHW,
     _conv_forward,
     branch_conv,
@@ -102,12 +101,12 @@ def test_branch_conv_equals_conv2d_in_every_path(as_depthwise, fwd_format, grad_
     _assert_same_grads(out, ref, [x, w])
 
 
-@pytest.mark.parametrize('fmt', [KEEP, NCHW, CHANNELS_LAST])
+@pytest.mark.parametrize('fmt', [NCHW, CHANNELS_LAST])
 def test_memory_format_switch_is_cpu_only_and_keeps_values(fmt):
     x = torch.randn(2, 8, 5, 5).to(memory_format=CL)
     y = to_memory_format(x, fmt)
     torch.testing.assert_close(y, x, atol=0, rtol=0)
-    expected = {KEEP: CL, NCHW: torch.contiguous_format, CHANNELS_LAST: CL}[fmt]
+    expected = {NCHW: torch.contiguous_format, CHANNELS_LAST: CL}[fmt]
     assert y.is_contiguous(memory_format=expected)
     meta = torch.empty(2, 8, 5, 5, device='meta').to(memory_format=CL)
     assert to_memory_format(meta, fmt) is meta  # other devices keep the caller's format

@@ -1,6 +1,15 @@
 """EPSANet models; importing this module registers them with timm."""
-from .epsanet import PSABottleneck, checkpoint_filter_fn, epsanet50, epsanet50_large, epsanet101, epsanet101_large
+from .epsanet import (
+    EPSANet,
+    PSABottleneck,
+    checkpoint_filter_fn,
+    epsanet50,
+    epsanet50_large,
+    epsanet101,
+    epsanet101_large,
+)
 
 __all__ = [
-    'PSABottleneck', 'checkpoint_filter_fn', 'epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large',
+    'EPSANet', 'PSABottleneck', 'checkpoint_filter_fn',
+    'epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large',
 ]

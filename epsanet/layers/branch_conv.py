@@ -18,7 +18,9 @@ Measured per EPSANet-50 branch shape (torch 2.14, oneDNN 3.12, AVX-512, batch 8,
   NCHW, the 2-output one in channels_last;
 * backward: the grouped conv's backward in channels_last is 1.5-6x faster than in NCHW for
   fewer than 32 input channels per group and close to it elsewhere; it is as fast as the
-  backward of the depthwise form for 1 output per group and 1.5-2x faster for 2 or more.
+  backward of the depthwise form for 1 output per group and 1.5-2x faster for 2 or more;
+* weight gradient of stride-1 7x7 and 9x9 branches with few channels per group: 1.6-3.8x
+  faster by FFT (:mod:`epsanet.layers.fft_weight_grad`).
 
 Other devices keep the caller's memory format and autograd differentiates the formulation
 itself (depthwise only for 1 output per group, where its backward is as fast).
@@ -27,6 +29,8 @@ from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .fft_weight_grad import fft_weight_grad, fft_weight_grad_pays_off
 
 __all__ = [
     'NCHW', 'CHANNELS_LAST', 'plan_branch', 'branch_conv', 'grouped_conv_as_depthwise',
@@ -101,7 +105,9 @@ def _conv_forward(
 
 
 class _FastForwardGroupedConv(torch.autograd.Function):
-    """A grouped conv: planned forward, the grouped conv's own backward in channels_last.
+    """A grouped conv: planned forward, the grouped conv's own backward in channels_last (the
+    weight gradient of stride-1 7x7 and 9x9 branches with few channels per group by FFT:
+    :mod:`epsanet.layers.fft_weight_grad`).
 
     Saves ``x`` as the caller gave it (no extra copy lives until the backward). Under autocast
     the backward runs in the forward's compute dtype and returns gradients in the dtypes of
@@ -120,12 +126,18 @@ class _FastForwardGroupedConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
+        out_chs, in_per_group, kernel_size = weight.shape[0], weight.shape[1], weight.shape[-1]
         cl = torch.channels_last
         dtype = grad.dtype  # the forward's compute dtype (e.g. bfloat16 under autocast)
+        weight_by_fft = (ctx.needs_input_grad[2] and dtype in (torch.float32, torch.float64)
+                         and fft_weight_grad_pays_off(in_per_group, out_chs // groups, kernel_size, stride))
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad.contiguous(memory_format=cl), x.to(dtype).contiguous(memory_format=cl),
             weight.to(dtype).contiguous(memory_format=cl), None, [stride, stride], [padding, padding],
-            [dilation, dilation], False, [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False])
+            [dilation, dilation], False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and not weight_by_fft, False])
+        if weight_by_fft:
+            grad_w = fft_weight_grad(x.to(dtype), grad, groups, kernel_size, dilation)
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         if grad_w is not None:

@@ -1,0 +1,83 @@
+"""The FFT weight gradient against the grouped conv's own weight gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import epsanet.layers.branch_conv as branch_conv_module
+from epsanet.layers.branch_conv import branch_conv, to_memory_format
+from epsanet.layers.fft_weight_grad import _fast_fft_size, fft_weight_grad, fft_weight_grad_pays_off
+
+
+def _conv_weight_grad(x, grad, weight_shape, groups, dilation):
+    weight = torch.zeros(weight_shape, dtype=x.dtype)
+    pad = dilation * (weight_shape[-1] // 2)
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], [pad, pad], [dilation, dilation], False, [0, 0], groups,
+        [False, True, False])[1]
+
+
+@pytest.mark.parametrize('n,in_chs,out_chs,groups,k,h,w,dilation', [
+    (2, 64, 16, 16, 9, 14, 14, 1),  # EPSANet-50 stage 1, 9x9: 4 in / 1 out per group
+    (2, 64, 16, 8, 7, 14, 14, 1),  # stage 1, 7x7: 8 in / 2 out per group
+    (3, 12, 6, 3, 7, 10, 13, 2),  # dilated, not square
+    (1, 8, 8, 2, 9, 3, 4, 1),  # kernel larger than the map
+    (2, 4, 4, 4, 3, 5, 6, 1),  # depthwise 3x3
+])
+def test_equals_the_conv_weight_gradient_in_float64(n, in_chs, out_chs, groups, k, h, w, dilation):
+    torch.manual_seed(0)
+    x = torch.randn(n, in_chs, h, w, dtype=torch.float64)
+    grad = torch.randn(n, out_chs, h, w, dtype=torch.float64)
+    expected = _conv_weight_grad(x, grad, (out_chs, in_chs // groups, k, k), groups, dilation)
+    torch.testing.assert_close(fft_weight_grad(x, grad, groups, k, dilation), expected, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+def test_float32_error_is_small(channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 28, 28, dtype=torch.float64)
+    grad = torch.randn(4, 16, 28, 28, dtype=torch.float64)
+    expected = _conv_weight_grad(x, grad, (16, 4, 9, 9), 16, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = fft_weight_grad(x.float().contiguous(memory_format=fmt), grad.float().contiguous(memory_format=fmt), 16, 9, 1)
+    assert out.dtype == torch.float32
+    assert ((out.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_used_only_where_it_was_measured_faster():
+    assert fft_weight_grad_pays_off(4, 1, 9, 1)  # EPSANet-50 stage 1, 9x9
+    assert fft_weight_grad_pays_off(8, 2, 7, 1)  # stage 1, 7x7
+    assert fft_weight_grad_pays_off(8, 2, 9, 1)  # stage 2, 9x9
+    assert not fft_weight_grad_pays_off(8, 2, 9, 2)  # strided
+    assert not fft_weight_grad_pays_off(16, 4, 5, 1)  # 5x5
+    assert not fft_weight_grad_pays_off(16, 4, 9, 1)  # stage 3, 9x9
+
+
+def test_transform_lengths_are_fast_and_long_enough():
+    assert [_fast_fft_size(n) for n in (60, 32, 33, 11, 7)] == [64, 32, 36, 12, 8]
+    for n in range(1, 200):
+        m = _fast_fft_size(n)
+        assert m >= n
+        for f in (2, 3, 5):
+            while m % f == 0:
+                m //= f
+        assert m == 1
+
+
+def test_branch_conv_backward_uses_it_and_matches_conv2d(monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2:])
+        return fft_weight_grad(*args, **kwargs)
+    monkeypatch.setattr(branch_conv_module, 'fft_weight_grad', counted)
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 12, 12).to(memory_format=torch.channels_last).requires_grad_(True)
+    w = (torch.randn(16, 4, 9, 9) / (4 * 81) ** 0.5).requires_grad_(True)
+    out = branch_conv(x, to_memory_format(x, 0), w, 16, 4, 16, 9, 1, 1, True, True)
+    ref = F.conv2d(x, w, None, 1, 4, 1, 16)
+    up = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * up).sum(), [x, w])
+    expected = torch.autograd.grad((ref * up).sum(), [x, w])
+    assert calls == [(16, 9, 1)]
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

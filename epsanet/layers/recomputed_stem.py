@@ -68,7 +68,7 @@ class _RecomputedStem(torch.autograd.Function):
         if isinstance(act, nn.ReLU):
             # ReLU's gradient, applied before the max pool's: a window's maximum is > 0 exactly where
             # the position it came from passes the ReLU (4x fewer values than after the pool)
-            grad = grad.masked_fill(pooled <= 0, 0)
+            grad = torch.where(pooled > 0, grad, 0)  # (masked_fill would return NCHW for channels_last)
         grad = torch.ops.aten.max_pool2d_with_indices_backward(
             grad, y, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation),
             pool.ceil_mode, indices)

@@ -49,6 +49,8 @@ class _RecomputedStem(torch.autograd.Function):
         conv, bn, act, pool = modules
         ctx.modules = modules
         ctx.batch_stats = bn.training or bn.running_mean is None
+        if conv_weight.is_contiguous(memory_format=torch.channels_last) and not conv_weight.is_contiguous():
+            x = x.contiguous(memory_format=torch.channels_last)  # the conv runs twice: ~10% faster so (measured)
         ctx.save_for_backward(x, conv_weight, conv_bias, bn_weight, bn_bias)
         return pool(act(bn(conv._conv_forward(x, conv_weight, conv_bias))))  # bn updates its running stats here
 

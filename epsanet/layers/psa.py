@@ -131,6 +131,11 @@ class PyramidSqueezeAttention(nn.Module):
         self._depthwise = [p[0] for p in plans]
         self._depthwise_autograd = [p[1] for p in plans]
         self._formats = [p[2] for p in plans]
+        # per-channel affine map applied with the attention (set by fold_batchnorm: an eval-mode BN after PSA)
+        self.out_scale: Optional[torch.Tensor]
+        self.out_shift: Optional[torch.Tensor]
+        self.register_buffer('out_scale', None)
+        self.register_buffer('out_shift', None)
 
     def extra_repr(self) -> str:
         return (
@@ -161,7 +166,20 @@ class PyramidSqueezeAttention(nn.Module):
         # one batched SE over all branches: [N * S, C, 1, 1]
         pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
         attn = self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
+        if self.out_scale is not None and self.out_shift is not None:  # one pass: feats * (attn * scale) + shift
+            return torch.addcmul(self.out_shift.view(1, -1, 1, 1), feats, attn * self.out_scale.view(1, -1, 1, 1))
         return _scale_by_attention(feats, attn, self.save_output_for_backward)  # feats' format: the caller's
+
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """From now on return ``out * scale + shift`` (per channel) instead of ``out``, computed in the
+        same pass as the attention product; e.g. the eval-mode BatchNorm that follows the layer."""
+        if self.out_scale is not None or self.out_shift is not None:
+            raise ValueError('This PSA layer already has an output affine map folded in.')
+        if scale.shape != (self.out_chs,) or shift.shape != (self.out_chs,):
+            raise ValueError(f'scale and shift need shape ({self.out_chs},): got {tuple(scale.shape)} '
+                             f'and {tuple(shift.shape)}.')
+        self.out_scale = scale.detach().clone()
+        self.out_shift = shift.detach().clone()
 
 
 PSA = PyramidSqueezeAttention

@@ -177,6 +177,27 @@ def test_psa_layer_matches_reference_in_inference_mode(cfg, channels_last):
 # whole networks with every fast path: tests/models/test_epsanet.py::test_matches_reference_with_gradients
 
 
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+def test_folded_output_affine_equals_the_layer_then_the_affine_map(channels_last):
+    torch.manual_seed(0)
+    layer = PSA(64, 64).eval()
+    folded = PSA(64, 64).eval()
+    folded.load_state_dict(layer.state_dict())
+    scale, shift = torch.randn(64), torch.randn(64)
+    folded.fold_output_affine(scale, shift)
+    x = torch.randn(2, 64, 9, 9)
+    if channels_last:
+        x = x.to(memory_format=CL)
+    with torch.no_grad():
+        out = folded(x)
+        torch.testing.assert_close(out, layer(x) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), **TOL)
+    assert out.is_contiguous(memory_format=CL) == channels_last
+    with pytest.raises(ValueError, match='already'):
+        folded.fold_output_affine(scale, shift)
+    with pytest.raises(ValueError, match='shape'):
+        PSA(64, 64).fold_output_affine(scale[:8], shift)
+
+
 def test_fold_batchnorm_refuses_training_mode():
     with pytest.raises(ValueError, match='eval'):
         fold_batchnorm(timm.create_model('epsanet50', num_classes=10))

@@ -85,6 +85,24 @@ def test_keeps_only_the_input_and_weights_for_backward():
     assert sum(t.numel() for t in saved) > 2 * 8 * 16 * 16 * 2  # the plain chain keeps the feature maps
 
 
+@pytest.mark.parametrize('bn_train', [True, False], ids=['batch_stats', 'frozen_bn'])
+def test_double_backward_equals_the_modules(bn_train):
+    """create_graph=True (e.g. a gradient penalty): second-order gradients as with the modules."""
+    plain = _stem(bias=True).train()
+    plain[1].train(bn_train)
+    ours = copy.deepcopy(plain)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for mods, recompute in ((plain, False), (ours, True)):
+        xi = x.detach().clone().requires_grad_(True)
+        out = recomputed_stem(xi, *mods) if recompute else mods[3](mods[2](mods[1](mods[0](xi))))
+        first = torch.autograd.grad(out.square().sum(), [xi, mods[0].weight], create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        results.append(torch.autograd.grad(penalty, [xi, mods[0].weight, mods[1].weight]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
 def test_supported_modules():
     mods = _stem()
     assert supports_recomputed_stem(*mods)

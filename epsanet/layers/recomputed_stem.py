@@ -17,15 +17,19 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import nn
+
+from .branch_conv import is_channels_last
 
 __all__ = ['recomputed_stem', 'supports_recomputed_stem']
 
 
 def supports_recomputed_stem(conv: nn.Module, bn: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
-    """Whether :func:`recomputed_stem` can run these modules: a plain ``Conv2d``, a ``BatchNorm2d``,
+    """Whether :func:`recomputed_stem` can run these modules: a plain ``Conv2d``, a plain
+    ``BatchNorm2d`` (not a subclass such as timm's ``BatchNormAct2d``, whose forward does more),
     a ``ReLU`` (or ``Identity``) and a ``MaxPool2d`` returning no indices."""
-    return (type(conv) is nn.Conv2d and conv.padding_mode == 'zeros' and isinstance(bn, nn.BatchNorm2d)
+    return (type(conv) is nn.Conv2d and conv.padding_mode == 'zeros' and type(bn) is nn.BatchNorm2d
             and type(act) in (nn.ReLU, nn.Identity) and type(pool) is nn.MaxPool2d and not pool.return_indices)
 
 
@@ -76,8 +80,8 @@ class _RecomputedStem(torch.autograd.Function):
             # the position it came from passes the ReLU (4x fewer values than after the pool)
             grad = torch.where(pooled > 0, grad, 0)  # (masked_fill would return NCHW for channels_last)
         grad = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, y, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation),
-            pool.ceil_mode, indices)
+            grad, y, to_2tuple(pool.kernel_size), to_2tuple(pool.stride), to_2tuple(pool.padding),
+            to_2tuple(pool.dilation), pool.ceil_mode, indices)
         del y, pooled, indices
         grad_c, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
             grad, c, bn_weight, running_mean, running_var, mean, invstd, batch_stats, bn.eps,
@@ -105,10 +109,4 @@ def _differentiable_backward(ctx, grad: torch.Tensor):
 def _in_format_of_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` channels_last when the conv weight is: the conv runs twice, and in one interleaved A/B at
     batch 8 the stem's forward and backward took 57 instead of 64 ms so."""
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def _pair(v) -> list:
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+    return x.contiguous(memory_format=torch.channels_last) if is_channels_last(weight) else x

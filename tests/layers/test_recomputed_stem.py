@@ -4,6 +4,7 @@ import copy
 import pytest
 import timm
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 import epsanet  # noqa: F401  (registers the models)
@@ -108,6 +109,7 @@ def test_supported_modules():
     assert supports_recomputed_stem(*mods)
     assert not supports_recomputed_stem(nn.Sequential(mods[0]), *mods[1:])  # e.g. timm's deep stem
     assert not supports_recomputed_stem(mods[0], mods[1], nn.GELU(), mods[3])
+    assert not supports_recomputed_stem(mods[0], BatchNormAct2d(8), *mods[2:])  # a BN subclass doing more
     assert not supports_recomputed_stem(*mods[:3], nn.MaxPool2d(3, 2, 1, return_indices=True))
     assert not supports_recomputed_stem(*mods[:3], nn.AvgPool2d(3, 2, 1))
 

@@ -21,14 +21,26 @@ __all__ = ['fold_batchnorm', 'optimize_for_inference']
 _PAIRS: Tuple[Tuple[str, str], ...] = (('conv1', 'bn1'), ('conv3', 'bn3'))
 
 
+def _is_fixed_affine(bn: nn.Module, channels: int) -> bool:
+    """A plain BatchNorm2d over ``channels`` whose eval-mode map is fixed (running statistics)."""
+    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+            and bn.num_features == channels)
+
+
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
-            and bn.running_mean is not None and conv.out_channels == bn.num_features)
+    return type(conv) is nn.Conv2d and _is_fixed_affine(bn, conv.out_channels)
 
 
 def _foldable_into_psa(psa: nn.Module, bn: nn.Module) -> bool:
-    return (isinstance(psa, PyramidSqueezeAttention) and psa.out_scale is None and type(bn) is nn.BatchNorm2d
-            and bn.affine and bn.track_running_stats and bn.running_mean is not None and bn.num_features == psa.out_chs)
+    return isinstance(psa, PyramidSqueezeAttention) and psa.out_scale is None and _is_fixed_affine(bn, psa.out_chs)
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel in eval mode."""
+    invstd = torch.rsqrt(bn.running_var + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight * invstd
+    shift = -bn.running_mean * scale if bn.bias is None else bn.bias - bn.running_mean * scale
+    return scale, shift
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -49,8 +61,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                     setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
                     setattr(module, bn_name, nn.Identity())
         if isinstance(module, PSABottleneck) and _foldable_into_psa(module.conv2, module.bn2):
-            scale = module.bn2.weight / torch.sqrt(module.bn2.running_var + module.bn2.eps)
-            module.conv2.fold_output_affine(scale, module.bn2.bias - module.bn2.running_mean * scale)
+            module.conv2.fold_output_affine(*_bn_scale_shift(module.bn2))
             module.bn2 = nn.Identity()
         if isinstance(module, PSABottleneck) and isinstance(module.downsample, nn.Sequential):
             ds = module.downsample

@@ -198,6 +198,24 @@ def test_folded_output_affine_equals_the_layer_then_the_affine_map(channels_last
         PSA(64, 64).fold_output_affine(scale[:8], shift)
 
 
+def test_fold_batchnorm_folds_every_bn_also_without_affine_parameters():
+    """bn2 goes into the PSA attention product, the others into their convs; BNs without weight and
+    bias (``affine=False``) fold too. Same outputs."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        'epsanet50', num_classes=10, norm_layer=lambda c, **kw: torch.nn.BatchNorm2d(c, affine=False, **kw)).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_fold_batchnorm_refuses_training_mode():
     with pytest.raises(ValueError, match='eval'):
         fold_batchnorm(timm.create_model('epsanet50', num_classes=10))

@@ -7,9 +7,8 @@ hits all of them alike; the reported time is the median over the repetitions.
 Candidates:
 
 * ``<model>``: ours, as ``timm.create_model(<model>)`` gives it; ``optimize=True`` adds the
-  documented one-line setting (:func:`optimized_for`): for inference
-  :func:`epsanet.layers.fold_bn.optimize_for_inference`, for training
-  ``model.to(memory_format=torch.channels_last)``;
+  documented one-line CPU setting (:func:`optimized_for`): :func:`epsanet.optimize_for_inference`
+  for inference, :func:`epsanet.optimize_for_training` for training;
 * ``reference``: :func:`epsanet.reference.create_reference`, the literal authors'-style network,
   holding the *same weights* (ours loads the reference's authors'-layout checkpoint through
   :func:`epsanet.models.epsanet.checkpoint_filter_fn`); for every inference setting the logits
@@ -229,17 +228,14 @@ def build_candidates(
 
 
 def optimized_for(model: nn.Module, mode: str) -> nn.Module:
-    """Ours with the documented one-line setting of ``mode`` (the input may stay NCHW):
+    """Ours with the documented one-line CPU setting of ``mode`` (the input may stay NCHW):
+    ``epsanet.optimize_for_inference(model)`` for ``'infer'``, ``epsanet.optimize_for_training(model)``
+    for ``'train'`` (both store the weights channels_last and autotune the PSA branch convs)."""
+    from .optimize import optimize_for_inference, optimize_for_training
 
-    * ``'infer'``: ``epsanet.optimize_for_inference(model)`` (BatchNorm folded, weights
-      channels_last);
-    * ``'train'``: ``model.to(memory_format=torch.channels_last)``: the first conv then returns
-      channels_last and the whole network trains in it (faster on x86 CPUs).
-    """
     if mode == 'infer':
-        from .layers.fold_bn import optimize_for_inference
         return optimize_for_inference(model.eval())
-    return model.to(memory_format=torch.channels_last)
+    return optimize_for_training(model)
 
 
 def _in_setting_format(model: nn.Module, setting: Setting) -> nn.Module:

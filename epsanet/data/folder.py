@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from ..errors import EpsanetError
 from .image import UNREADABLE_ERRORS, load_image
 
 __all__ = [
@@ -28,7 +29,7 @@ _logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
-class DataError(ValueError):
+class DataError(EpsanetError, ValueError):
     """The data on disk is not usable as given; the message says what to change."""
 
 

@@ -7,7 +7,6 @@ folder is reloaded with ``timm.create_model("local-dir:...")`` and must reproduc
 """
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.flops import count_gflops
+from ..models.variants import infer_variant
 from .loading import WeightsError, _pick_state_dict, read_checkpoint, sha256_file
 from .model_card import dumps, render_model_card
 
@@ -27,7 +27,6 @@ _logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = 'model.safetensors'
 ENTRY_NAME = 'registry_entry.json'
-_LAYER3_BLOCK = re.compile(r'^layer3\.(\d+)\.')
 
 
 @dataclass
@@ -52,19 +51,9 @@ def _umask() -> int:
 
 
 def infer_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
-    """Which EPSANet a state dict belongs to (timm or authors' names), from its shapes; None if unknown.
-
-    Depth from the number of stage-3 blocks (6: 50, 23: 101), Small/Large from the width of the first
-    block (64 / 128 channels).
-    """
-    keys = [k[len('module.'):] if k.startswith('module.') else k for k in state_dict]
-    blocks = {int(m.group(1)) for k in keys if (m := _LAYER3_BLOCK.match(k))}
-    depth = {6: '50', 23: '101'}.get(len(blocks))
-    first = state_dict.get('layer1.0.conv1.weight', state_dict.get('module.layer1.0.conv1.weight'))
-    width = {64: '', 128: '_large'}.get(int(first.shape[0])) if first is not None else None
-    if depth is None or width is None:
-        return None
-    return f'epsanet{depth}{width}'
+    """Which EPSANet a state dict belongs to (timm or authors' names), from its shapes; None if unknown
+    (:func:`epsanet.models.variants.infer_variant`: blocks per stage and the first block's width)."""
+    return infer_variant(state_dict)
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:

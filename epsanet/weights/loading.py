@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import torch
 from timm.models import clean_state_dict, resolve_pretrained_cfg
 
+from ..errors import EpsanetError
 from .registry import find_entry, registered_weights
 
 __all__ = [
@@ -46,7 +47,7 @@ _STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # tim
 _SAFETENSORS_EXT = '.safetensors'
 
 
-class WeightsError(RuntimeError):
+class WeightsError(EpsanetError, RuntimeError):
     """Base class of the errors below; each message says what went wrong and what to do."""
 
 

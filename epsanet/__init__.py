@@ -20,7 +20,13 @@ from .optimize import optimize_for_inference, optimize_for_training
 
 __version__ = '0.1.0'
 
-MODEL_NAMES = model_names()  # from the variant table, epsanet.models.variants.VARIANTS
+
+
+def __getattr__(name: str):
+    if name == 'MODEL_NAMES':  # read from the variant table each time (epsanet.models.variants.VARIANTS)
+        return model_names()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = [
     'EPSANet', 'EpsanetError', 'MODEL_NAMES', 'PSA', 'PSABottleneck', 'PSAGate', 'PyramidSqueezeAttention',

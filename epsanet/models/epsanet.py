@@ -215,7 +215,10 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 # a model's first tag being its default; ``weights/registry.json`` holds each file's sha256, size,
 # provenance and metrics. The authors never released ImageNet weights and nobody has published any
 # yet, so every model has only the ``.untrained`` tag.
-default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in VARIANTS})
+default_cfgs = generate_default_cfgs({
+    # published weights go first, e.g. 'epsanet50.in1k': _cfg(hf_hub_id='org/repo@<commit>', ...),
+    **{f'{name}.untrained': _cfg() for name in VARIANTS},
+})
 
 
 @register_model

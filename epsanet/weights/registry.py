@@ -18,14 +18,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import EpsanetError
 from ..models.variants import VARIANTS
 
 __all__ = [
     'RegistryError', 'WeightEntry', 'validate_entry', 'registry_path', 'load_registry', 'registered_weights',
-    'find_entry',
+    'find_entry', 'cfg_problems',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -192,3 +192,32 @@ def find_entry(
         if hf_hub_id and e.hf_hub_id == hf_hub_id and filename in (None, e.source['filename']):
             return e
     return None
+
+
+def cfg_problems(entries: Optional[Sequence[WeightEntry]] = None) -> List[str]:
+    """Where timm's EPSANet pretrained cfgs and the registry disagree (empty when they agree).
+
+    Every registry entry needs a cfg of the same name in ``default_cfgs`` of
+    :mod:`epsanet.models.epsanet` pointing at the same file, and every cfg with weights needs a registry
+    entry, or its download could not be verified against a sha256.
+    """
+    from timm.models import get_pretrained_cfg, list_pretrained
+
+    entries = registered_weights() if entries is None else entries
+    problems = []
+    by_name = {e.name: e for e in entries}
+    for name, entry in by_name.items():
+        cfg = get_pretrained_cfg(name, allow_unregistered=False) if name in list_pretrained(name) else None
+        if cfg is None:
+            problems.append(f'{name} is in the registry but has no cfg in default_cfgs of epsanet/models/epsanet.py: '
+                            f'add "{name}": _cfg(**{entry.pretrained_cfg()!r}).')
+            continue
+        where = cfg.hf_hub_id or cfg.url
+        expected = entry.hf_hub_id or entry.source.get('url')
+        if where != expected:
+            problems.append(f'{name}: default_cfgs points at {where!r}, the registry at {expected!r}.')
+    for name in list_pretrained('epsanet*'):
+        cfg = get_pretrained_cfg(name)
+        if (cfg.hf_hub_id or cfg.url) and name not in by_name:
+            problems.append(f'{name} has weights in default_cfgs but no registry entry (sha256, size, provenance).')
+    return problems

@@ -6,6 +6,7 @@ import timm
 import torch
 from timm.models.resnet import ResNet
 from torch import nn
+from torch.nn.utils import prune
 
 import epsanet
 
@@ -131,5 +132,5 @@ def test_pruning_a_branch_conv_takes_effect():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-        torch.nn.utils.prune.l1_unstructured(conv, 'weight', amount=1.0)  # via a forward pre-hook
+        prune.l1_unstructured(conv, 'weight', amount=1.0)  # applied by a forward pre-hook
         assert not torch.equal(model(x), before)

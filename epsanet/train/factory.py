@@ -118,8 +118,10 @@ def _from_source(name: str, source: str, num_classes: Optional[int], kwargs: Dic
     """Weights from a URL, Hub id or folder (fetched and verified by the weights loader)."""
     try:
         overlay = weights_overlay(source)
-    except (FileNotFoundError, ValueError) as e:
-        raise CheckpointError(f'weights {source!r} not found: {e}') from e
+    except FileNotFoundError as e:
+        raise CheckpointError(f'weights file {source} does not exist (nor is it a URL or an hf-hub: id).') from e
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     try:

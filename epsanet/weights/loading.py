@@ -182,11 +182,19 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state_dict = timm_load_state_dict(str(path), use_ema=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _unsafe(path, e) from e
     except Exception as e:  # torch and safetensors raise many types for a damaged file
+        unpickling = next((c for c in _causes(e) if isinstance(c, pickle.UnpicklingError)), None)
+        if unpickling is not None:  # timm re-raises the UnpicklingError as a RuntimeError
+            raise _unsafe(path, unpickling) from e
         raise _corrupt(path, e) from e
     return _only_tensors(state_dict, path)
+
+
+def _causes(err: BaseException):
+    """``err`` and the exceptions it was raised from."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,6 +81,8 @@ class SafetensorsStream:
         rows = np.ascontiguousarray(rows, dtype=self.spec.dtype)
         if rows.shape[1:] != self.spec.shape:
             raise ValueError(f'{self.spec.name}: rows of shape {rows.shape[1:]}, expected {self.spec.shape}')
+        if not len(rows):
+            return
         data = memoryview(rows).cast('B')
         self.file.write(data)
         self.sha256.update(data)
@@ -158,6 +160,8 @@ class NpyWriter:
         self.sha256 = {spec.name: hashlib.sha256() for spec in specs}
 
     def add(self, rows: Dict[str, np.ndarray], positions: np.ndarray) -> None:
+        if not len(positions):
+            return
         for key, window in self.maps.items():
             window[positions] = rows[key]
             self.sha256[key].update(np.ascontiguousarray(rows[key], dtype=window.dtype).data)

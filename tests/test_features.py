@@ -198,6 +198,19 @@ def _cli(*args):
     return [sys.executable, '-m', 'epsanet', *map(str, args)]
 
 
+def _run(cmd, timeout=300):
+    """``subprocess.run`` in its own session, so that a timeout also ends the processes it started (torchrun)."""
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
     data = tmp_path / 'many'
@@ -207,13 +220,15 @@ def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
                4 * ROW_BYTES + 256, '-b', 2, '-j', 0, '--no-progress')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while len(list((out / '.progress').glob('chunk-*.json'))) < 2:
-        assert proc.poll() is None, 'extraction ended before it could be interrupted: ' + proc.stdout.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / '.progress').glob('chunk-*.json'))) < 2:
+            assert proc.poll() is None, 'extraction ended before it was interrupted: ' + proc.stdout.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # a real SIGKILL mid-run: nothing gets to clean up
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / 'index.json').exists()
     finished = sorted(p.name for p in (out / '.progress').glob('chunk-*.json'))
@@ -221,7 +236,7 @@ def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob('features-*.safetensors')}
     assert len(kept) >= len(finished)
 
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    rerun = _run(cmd)
     assert rerun.returncode == 0, rerun.stderr
     assert f'{len(finished)} of its 20 chunks are already complete' in rerun.stderr
     assert f'({len(finished)} of 20 chunks from an earlier run)' in rerun.stdout
@@ -241,10 +256,9 @@ def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
 def test_two_processes_match_one(images, weights, tmp_path):
     args = ['--data-dir', images, '--checkpoint', weights, '--shard-size', 2 * ROW_BYTES + 256, '-b', 2, '-j', 0,
             '--no-progress', '--device', 'cpu']
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '0', '-m',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
            'epsanet', 'extract', *map(str, args), '--output', str(tmp_path / 'two')]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = _run(cmd)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'rank 1:' in run.stderr and 'rank 0:' in run.stderr  # both processes did work
     extract(_cfg(images, weights, tmp_path / 'one'))
@@ -262,7 +276,7 @@ _MEASURE = ('import resource, sys\nfrom epsanet.cli import main\nrc = main(sys.a
 def _peak_rss_mib(data, out, fmt_args):
     cmd = [sys.executable, '-c', _MEASURE, 'extract', '--data-dir', str(data), '--output', str(out), '--stages', '0',
            '--img-size', '64', '-b', '16', '-j', '0', '--no-progress', *fmt_args]
-    run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    run = _run(cmd)
     assert run.returncode == 0, run.stderr[-3000:]
     return int(run.stdout.split('MAXRSS_KB')[1].split()[0]) / 1024
 

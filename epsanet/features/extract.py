@@ -107,8 +107,8 @@ def _plan(cfg: ExtractConfig, names: Sequence[str], specs: Sequence[TensorSpec],
     return dict(
         images=len(names), image_list_sha256=fingerprint(names),
         model=model.pretrained_cfg.get('architecture', cfg.model or 'epsanet50'),
-        weights=dict(checkpoint=str(checkpoint.resolve()), sha256=_file_sha256(str(checkpoint)))
-        if checkpoint and checkpoint.is_file() else dict(pretrained=cfg.pretrained, checkpoint=cfg.checkpoint or None),
+        weights=dict(sha256=_file_sha256(str(checkpoint))) if checkpoint and checkpoint.is_file() else
+        dict(pretrained=cfg.pretrained, checkpoint=cfg.checkpoint or None),
         stages=list(cfg.stages), pool_stages=cfg.pool_stages,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         tensors={s.name: s.as_dict() for s in specs}, chunk_images=min(by_size, balanced))
@@ -205,6 +205,20 @@ def _summary(index: Dict[str, Any]) -> Dict[str, Any]:
                 shapes={k: [index['num_rows'], *v['shape']] for k, v in index['tensors'].items()})
 
 
+class _BatchSampler:
+    """The image indices of each batch, made as needed (a list of them all would grow with the data set)."""
+
+    def __init__(self, batches: Sequence[Tuple[int, ...]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for *_, b0, b1 in self.batches:
+            yield list(range(b0, b1))
+
+
 def _extract_chunks(cfg: ExtractConfig, info: DistInfo, layout: Layout, model, dataset, todo, specs, stages,
                     autocast, channels_last: bool) -> None:
     """Run the model over this process's unfinished chunks, writing each as it goes."""
@@ -212,7 +226,7 @@ def _extract_chunks(cfg: ExtractConfig, info: DistInfo, layout: Layout, model, d
     if not batches:
         return
     cuda = info.device.type == 'cuda'
-    loader = DataLoader(dataset, batch_sampler=[list(range(b0, b1)) for *_, b0, b1 in batches],
+    loader = DataLoader(dataset, batch_sampler=_BatchSampler(batches),
                         num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False)
     desc = 'extract' if info.world_size == 1 else f'extract (rank 0 of {info.world_size})'
     bar = progress(total=sum(e - s for _, s, e in todo), desc=desc, unit='img',

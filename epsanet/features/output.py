@@ -197,8 +197,10 @@ class Layout:
         index: Dict[str, Any] = dict(
             format=INDEX_FORMAT, version=INDEX_VERSION, layout=self.kind, num_rows=rows, num_images=len(names),
             tensors={s.name: s.as_dict() for s in specs}, paths=self.paths.name, skipped=skipped, **info, plan=plan)
-        text = ''.join(names[i] + '\n' for i in keep)
-        atomic_write(self.paths, lambda tmp: Path(tmp).write_text(text, encoding='utf-8', errors='surrogateescape'))
+        def write_paths(tmp: str) -> None:
+            with open(tmp, 'w', encoding='utf-8', errors='surrogateescape') as f:
+                f.writelines(names[i] + '\n' for i in keep)
+        atomic_write(self.paths, write_paths)
         if self.kind == 'folder':
             index['shards'] = shards
         elif self.kind == 'npy':

@@ -147,33 +147,39 @@ def _npy_header(path: Path) -> Tuple[int, Tuple[int, ...], np.dtype]:
 class NpyWriter:
     """Writes one chunk's rows in place into the preallocated ``.npy`` files (one per output).
 
-    Only the chunk's rows are mapped, and the map is dropped when the chunk is done, so resident
-    memory does not grow with the output.
+    Each batch maps only its own rows and drops the map straight away, so resident memory does
+    not grow with the chunk or the output; ``close`` makes the chunk durable (fsync).
     """
 
     def __init__(self, files: Dict[str, Path], specs: Sequence[TensorSpec], start: int, num_images: int):
-        self.maps = {}
-        for spec in specs:
-            offset, _, _ = _npy_header(files[spec.name])
-            self.maps[spec.name] = np.memmap(files[spec.name], dtype=spec.dtype, mode='r+',
-                                             offset=offset + start * spec.row_bytes, shape=(num_images, *spec.shape))
+        self.files, self.specs, self.start = files, list(specs), start
+        self.offsets = {spec.name: _npy_header(files[spec.name])[0] for spec in specs}
         self.sha256 = {spec.name: hashlib.sha256() for spec in specs}
 
     def add(self, rows: Dict[str, np.ndarray], positions: np.ndarray) -> None:
+        """Write ``rows[key][i]`` to row ``start + positions[i]`` (positions ascending)."""
         if not len(positions):
             return
-        for key, window in self.maps.items():
-            window[positions] = rows[key]
-            self.sha256[key].update(np.ascontiguousarray(rows[key], dtype=window.dtype).data)
+        first, last = int(positions[0]), int(positions[-1])
+        for spec in self.specs:
+            window = np.memmap(self.files[spec.name], dtype=spec.dtype, mode='r+',
+                               offset=self.offsets[spec.name] + (self.start + first) * spec.row_bytes,
+                               shape=(last - first + 1, *spec.shape))
+            window[positions - first] = rows[spec.name]
+            del window  # unmapped: the written pages leave this process (the page cache writes them back)
+            self.sha256[spec.name].update(np.ascontiguousarray(rows[spec.name], dtype=spec.dtype).data)
 
     def close(self) -> Dict[str, Any]:
-        for window in self.maps.values():
-            window.flush()
-        self.maps.clear()
+        for path in set(self.files.values()):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return dict(sha256={k: v.hexdigest() for k, v in self.sha256.items()})
 
     def abort(self) -> None:
-        self.maps.clear()
+        pass
 
 
 def compact_npy(path: Path, keep: Sequence[Tuple[int, int]]) -> int:

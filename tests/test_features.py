@@ -126,7 +126,8 @@ def test_folder_output_round_trip(images, weights, tmp_path):
     # shards of at most 4 rows, contiguous row ranges, row counts that add up
     assert all(s['count'] <= 4 and s['rows'][1] - s['rows'][0] == s['count'] for s in index['shards'])
     assert [s['rows'][0] for s in index['shards'][1:]] == [s['rows'][1] for s in index['shards'][:-1]]
-    assert sum(s['count'] for s in index['shards']) == 14 and len(index['shards']) == 4
+    size = index['plan']['chunk_images']  # 4 rows fit a shard; chunks end where batches (of 3) do
+    assert size == 3 and len(index['shards']) == 5 and sum(s['count'] for s in index['shards']) == 14
     assert not (out / '.progress').exists()
 
     feats = load(out)

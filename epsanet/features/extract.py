@@ -102,7 +102,8 @@ def _plan(cfg: ExtractConfig, names: Sequence[str], specs: Sequence[TensorSpec],
           model: torch.nn.Module, world: int) -> Dict[str, Any]:
     shard_bytes = parse_size(cfg.shard_size)
     by_size = max(1, (shard_bytes - HEADER_BYTES) // max(s.row_bytes for s in specs))
-    balanced = max(1, math.ceil(len(names) / (MIN_CHUNKS_PER_PROCESS * world)))
+    batch_size = max(1, cfg.batch_size)
+    balanced = math.ceil(len(names) / (MIN_CHUNKS_PER_PROCESS * world) / batch_size) * batch_size
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
     return dict(
         images=len(names), image_list_sha256=fingerprint(names),
@@ -111,7 +112,12 @@ def _plan(cfg: ExtractConfig, names: Sequence[str], specs: Sequence[TensorSpec],
         dict(pretrained=cfg.pretrained, checkpoint=cfg.checkpoint or None),
         stages=list(cfg.stages), pool_stages=cfg.pool_stages,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        tensors={s.name: s.as_dict() for s in specs}, chunk_images=min(by_size, balanced))
+        tensors={s.name: s.as_dict() for s in specs}, chunk_images=_whole_batches(min(by_size, balanced), batch_size))
+
+
+def _whole_batches(images: int, batch_size: int) -> int:
+    """``images`` rounded down to whole batches (chunks end where batches do), when it is more than one."""
+    return images - images % batch_size if images > batch_size else max(1, images)
 
 
 def _barrier(info: DistInfo) -> None:

@@ -51,8 +51,8 @@ def weights(tmp_path_factory):
 
 
 def _cfg(images, weights, output, **kw):
-    return ExtractConfig(data_dir=str(images), checkpoint=str(weights), output=str(output), workers=0,
-                         progress=False, batch_size=3, **kw)
+    kw = dict(dict(workers=0, progress=False, batch_size=3), **kw)
+    return ExtractConfig(data_dir=str(images), checkpoint=str(weights), output=str(output), **kw)
 
 
 def _readable(images):
@@ -115,9 +115,11 @@ def _plain_features(weights, images, names):
         return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def test_folder_output_round_trip(images, weights, tmp_path):
+def test_folder_output_round_trip(images, weights, tmp_path, caplog):
     out = tmp_path / 'feats'
-    result = extract(_cfg(images, weights, out, shard_size=str(4 * ROW_BYTES + 256)))
+    with caplog.at_level('INFO'):
+        result = extract(_cfg(images, weights, out, shard_size=str(4 * ROW_BYTES + 256), progress=True))
+    assert any('extract: 15/15 (100%)' in r.message and 'img/s' in r.message for r in caplog.records)
     names = _readable(images)
     assert result['count'] == len(names) == 14 and result['skipped'] == 1
     index = json.loads((out / 'index.json').read_text())
@@ -132,6 +134,7 @@ def test_folder_output_round_trip(images, weights, tmp_path):
 
     feats = load(out)
     assert len(feats) == 14 and feats.paths == names and feats.keys() == ['features']
+    assert repr(feats).startswith('Features(14 rows of features (14, 2048)')
     assert feats.shape('features') == (14, 2048)
     expected = _plain_features(weights, images, names)
     every = feats.rows(0, 14)['features']
@@ -186,6 +189,18 @@ def test_rerun_skips_a_complete_output_and_other_settings_need_overwrite(images,
     result = extract(_cfg(images, weights, out, img_size=64, overwrite=True))
     assert result['img_size'] == 64 and load(out).index['img_size'] == 64
     assert len(list(out.glob('*.safetensors'))) == len(load(out).shards)
+
+
+def test_fastest_inference_form_on_cpu_unless_no_optimize(images, weights, monkeypatch):
+    import epsanet
+    from epsanet.features.extract import _prepare_model
+    optimized = []
+    real = epsanet.optimize_for_inference
+    monkeypatch.setattr(epsanet, 'optimize_for_inference', lambda m: optimized.append(m) or real(m))
+    model, *_ = _prepare_model(_cfg(images, weights, 'x'), torch.device('cpu'), ())
+    assert optimized == [model] and model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain, *_ = _prepare_model(_cfg(images, weights, 'x', optimize=False), torch.device('cpu'), ())
+    assert optimized == [model] and plain.conv1.weight.is_contiguous()
 
 
 def test_unusable_output_name_is_a_clear_error(images, weights, tmp_path):
@@ -254,20 +269,21 @@ def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(images, weights, tmp_path):
+@pytest.mark.parametrize('name', ['two', 'two.npy'])
+def test_two_processes_match_one(images, weights, tmp_path, name):
     args = ['--data-dir', images, '--checkpoint', weights, '--shard-size', 2 * ROW_BYTES + 256, '-b', 2, '-j', 0,
             '--no-progress', '--device', 'cpu']
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
-           'epsanet', 'extract', *map(str, args), '--output', str(tmp_path / 'two')]
+           'epsanet', 'extract', *map(str, args), '--output', str(tmp_path / name)]
     run = _run(cmd)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'rank 1:' in run.stderr and 'rank 0:' in run.stderr  # both processes did work
     extract(_cfg(images, weights, tmp_path / 'one'))
-    two, one = load(tmp_path / 'two'), load(tmp_path / 'one')
+    two, one = load(tmp_path / name), load(tmp_path / 'one')
     assert two.paths == one.paths == _readable(images)  # every image once, in the original order
     assert two.skipped == ['d1/0005x.png']
     torch.testing.assert_close(two.rows(0, 14)['features'], one.rows(0, 14)['features'], atol=1e-5, rtol=1e-5)
-    assert two.verify() == []
+    assert two.verify() == [] and not (tmp_path / 'two.parts').exists()
 
 
 _MEASURE = ('import resource, sys\nfrom epsanet.cli import main\nrc = main(sys.argv[1:])\n'

@@ -69,7 +69,7 @@ class Features:
         return int(self.index['num_rows'])
 
     def __repr__(self) -> str:
-        shapes = ', '.join(f'{k} {tuple(v["shape"])}' for k, v in self.index['tensors'].items())
+        shapes = ', '.join(f'{k} {self.shape(k)}' for k in self.keys())
         return f'Features({len(self)} rows of {shapes}; {self.folder})'
 
     def keys(self) -> List[str]:

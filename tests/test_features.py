@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from epsanet.data import load_image
+from epsanet.data import DataError, load_image
 from epsanet.features import ExtractConfig, extract, load, parse_size
 from epsanet.features.writers import SafetensorsStream, TensorSpec, compact_npy, preallocate_npy
 from epsanet.train.checkpoint import save_weights
@@ -312,3 +312,13 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path, layout):
     extra_output = (500 - 100) * 64 * 32 * 32 * 4 / 2 ** 20
     assert len(load(tmp_path / 'l' / name)) == 500
     assert rss_large - rss_small < 0.1 * extra_output, (rss_small, rss_large)
+
+
+def test_no_readable_image_is_a_clear_error(weights, tmp_path):
+    folder = tmp_path / 'bad'
+    folder.mkdir()
+    (folder / 'x.png').write_bytes(b'not a png')
+    with pytest.raises(DataError, match='none of the 1 images'):
+        extract(_cfg(folder, weights, tmp_path / 'out'))
+    with pytest.raises(ConfigError, match='batch size must be at least 1'):
+        extract(_cfg(folder, weights, tmp_path / 'out', batch_size=0))

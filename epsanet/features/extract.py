@@ -137,6 +137,9 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     bad = [s for s in stages if not 0 <= s < NUM_STAGES]
     if bad:
         raise ConfigError(f'--stages {" ".join(map(str, bad))}: stages are 0 (stem) to {NUM_STAGES - 1}.')
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise ConfigError(f'--batch-size {cfg.batch_size} --workers {cfg.workers}: the batch size must be at least 1 '
+                          'and the number of workers at least 0.')
     keys = [f'stage{s}' for s in stages] or ['features']
     layout = Layout(cfg.output, keys)
     parse_size(cfg.shard_size)
@@ -196,10 +199,10 @@ def _run(cfg: ExtractConfig, info: DistInfo, layout: Layout, dataset, names: Lis
             raise DataError(f'chunk {c} of {layout.output} has no complete record after extraction; re-run the '
                             'same command to redo it.')
         records.append(record)
+    if not any(r['count'] for r in records):
+        raise DataError(f'none of the {len(names)} images under {cfg.data_dir} could be read (paths above).')
     index = layout.finish(plan, specs, names, records,
                           dict(model=plan['model'], img_size=summary['img_size'], data_dir=str(cfg.data_dir)))
-    if index['num_rows'] == 0:
-        raise DataError(f'none of the {len(names)} images under {cfg.data_dir} could be read.')
     if index['skipped']:
         _logger.warning('%d unreadable images were skipped (listed above and in %s); they have no row.',
                         len(index['skipped']), layout.index)

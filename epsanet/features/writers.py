@@ -8,8 +8,8 @@ batch of rows in memory.
 * :class:`ShardWriter`: one safetensors file per chunk and output (``<key>-<chunk>.safetensors``),
   streamed to disk: the header space is reserved up front and filled in with the real row count
   when the chunk ends; the file gets its name only when complete.
-* :class:`NpyWriter`: one ``.npy`` per output, preallocated with a row per image; a chunk maps
-  only its own rows (so memory stays flat) and writes them in place. Rows of unreadable images
+* :class:`NpyWriter`: one ``.npy`` per output, preallocated with a row per image; each batch
+  maps only its own rows (so memory stays flat) and writes them in place. Rows of unreadable images
   are dropped at the end by :func:`compact_npy`, which moves the later rows up and rewrites the
   header.
 """

@@ -254,7 +254,7 @@ def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
 
     rerun = _run(cmd)
     assert rerun.returncode == 0, rerun.stderr
-    assert f'{len(finished)} of its 12 chunks are already complete' in rerun.stderr
+    assert f'resuming: {len(finished)} of 12 chunks are already complete' in rerun.stderr
     assert f'({len(finished)} of 12 chunks from an earlier run)' in rerun.stdout
     for c in range(len(finished)):  # finished shards were not written again
         name = f'features-{c:05d}.safetensors'

@@ -5,8 +5,9 @@ By default the features are the pooled pre-logits (the vector the classifier see
 ``features_only`` model: 0 = stem (stride 2), 1-4 = the four stages (strides 4-32).
 
 The images are cut into chunks of consecutive images (as many as fit a ``--shard-size`` shard).
-Under ``torchrun`` chunk ``c`` goes to rank ``c % world_size``, so every image is read by
-exactly one process and no sampler pads anything. Each chunk is written as it is computed
+Under ``torchrun`` the unfinished chunks are dealt out to the processes in turn, so every image
+is read by exactly one process and no sampler pads anything; the first process waits for the
+others' chunk records and merges the index in image order. Each chunk is written as it is computed
 (:mod:`~epsanet.features.writers`), so memory does not grow with the number of images, and a
 finished chunk is never redone: re-running an interrupted command finishes the rest. The layout
 on disk is described in :mod:`~epsanet.features.output`; :func:`~epsanet.features.load` reads it.
@@ -16,7 +17,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -179,26 +180,20 @@ def _run(cfg: ExtractConfig, info: DistInfo, layout: Layout, dataset, names: Lis
     plan = read_json(layout.plan_file)
     size = plan['chunk_images']
     chunks = [(c, s, min(s + size, len(names))) for c, s in enumerate(range(0, len(names), size))]
-    done = {c for c, _, _ in chunks if c % info.world_size == info.rank and layout.completed(c)}
-    todo = [ch for ch in chunks if ch[0] % info.world_size == info.rank and ch[0] not in done]
-    if done:
-        _logger.info('rank %d: resuming, %d of its %d chunks are already complete.', info.rank, len(done),
-                     len(done) + len(todo))
+    pending = [ch for ch in chunks if layout.completed(ch[0]) is None]
+    _barrier(info)  # every process has seen the same finished chunks before any writes new ones
+    todo = pending[info.rank::info.world_size]
+    resumed = len(chunks) - len(pending)
+    if resumed and info.is_primary:
+        _logger.info('resuming: %d of %d chunks are already complete; %d to go.', resumed, len(chunks), len(pending))
     dataset.transform = create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
         crop_mode=data_config.get('crop_mode', 'center'))
     _extract_chunks(cfg, info, layout, model, dataset, todo, specs, stages, autocast, channels_last)
-    _barrier(info)
     if not info.is_primary:
-        return dict(summary, count=None, chunks=len(chunks), resumed=len(done))
-    records = []
-    for c, _, _ in chunks:
-        record = layout.completed(c)
-        if record is None:
-            raise DataError(f'chunk {c} of {layout.output} has no complete record after extraction; re-run the '
-                            'same command to redo it.')
-        records.append(record)
+        return dict(summary, count=None, chunks=len(chunks), resumed=resumed)
+    records = _wait_for_records(layout, [c for c, _, _ in chunks], mine={c for c, _, _ in todo})
     if not any(r['count'] for r in records):
         raise DataError(f'none of the {len(names)} images under {cfg.data_dir} could be read (paths above).')
     index = layout.finish(plan, specs, names, records,
@@ -206,7 +201,34 @@ def _run(cfg: ExtractConfig, info: DistInfo, layout: Layout, dataset, names: Lis
     if index['skipped']:
         _logger.warning('%d unreadable images were skipped (listed above and in %s); they have no row.',
                         len(index['skipped']), layout.index)
-    return dict(summary, **_summary(index), chunks=len(chunks), resumed=len(done))
+    return dict(summary, **_summary(index), chunks=len(chunks), resumed=resumed)
+
+
+def _wait_for_records(layout: Layout, chunks: List[int], mine: Set[int], poll: float = 0.5,
+                      log_every: float = 60.0) -> List[Dict[str, Any]]:
+    """The records of all chunks, waiting for those other processes are still writing.
+
+    A file-based wait rather than a collective barrier: no process-group timeout however long the
+    others take; if one of them fails, torchrun stops this process too.
+    """
+    records: Dict[int, Dict[str, Any]] = {}
+    last_log = time.monotonic()
+    while True:
+        for c in chunks:
+            if c not in records:
+                record = layout.completed(c)
+                if record is not None:
+                    records[c] = record
+                elif c in mine:
+                    raise DataError(f'chunk {c} of {layout.output} has no complete record after extraction; '
+                                    're-run the same command to redo it.')
+        if len(records) == len(chunks):
+            return [records[c] for c in chunks]
+        if time.monotonic() - last_log > log_every:
+            last_log = time.monotonic()
+            _logger.info('waiting for the other processes: %d of %d chunks to go.', len(chunks) - len(records),
+                         len(chunks))
+        time.sleep(poll)
 
 
 def _summary(index: Dict[str, Any]) -> Dict[str, Any]:

@@ -270,14 +270,35 @@ def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['two', 'two.npy'])
-def test_two_processes_match_one(images, weights, tmp_path, name):
+def test_two_processes_match_one(images, weights, tmp_path, name, monkeypatch):
     args = ['--data-dir', images, '--checkpoint', weights, '--shard-size', 2 * ROW_BYTES + 256, '-b', 2, '-j', 0,
             '--no-progress', '--device', 'cpu']
+    if name.endswith('.npy'):  # first one process, stopped by Ctrl-C in its 4th batch; the two processes finish it
+        module = sys.modules['epsanet.features.extract']  # the attribute of that name is the function
+
+        class CtrlC:
+            def __init__(self, *a, **k):
+                self.n = 0
+
+            def update(self, n):
+                self.n += 1
+                if self.n == 4:
+                    raise KeyboardInterrupt
+
+            def close(self):
+                pass
+        monkeypatch.setattr(module, 'progress', CtrlC)
+        with pytest.raises(KeyboardInterrupt):
+            extract(_cfg(images, weights, tmp_path / name, shard_size=str(2 * ROW_BYTES + 256), batch_size=2))
+        monkeypatch.undo()
+        assert len(list((tmp_path / 'two.parts').glob('chunk-*.json'))) == 3
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
            'epsanet', 'extract', *map(str, args), '--output', str(tmp_path / name)]
     run = _run(cmd)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'rank 1:' in run.stderr and 'rank 0:' in run.stderr  # both processes did work
+    if name.endswith('.npy'):
+        assert 'resuming: 3 of 8 chunks are already complete; 5 to go' in run.stderr
     extract(_cfg(images, weights, tmp_path / 'one'))
     two, one = load(tmp_path / name), load(tmp_path / 'one')
     assert two.paths == one.paths == _readable(images)  # every image once, in the original order

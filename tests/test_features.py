@@ -343,3 +343,12 @@ def test_no_readable_image_is_a_clear_error(weights, tmp_path):
         extract(_cfg(folder, weights, tmp_path / 'out'))
     with pytest.raises(ConfigError, match='batch size must be at least 1'):
         extract(_cfg(folder, weights, tmp_path / 'out', batch_size=0))
+
+
+def test_a_foreign_index_json_is_not_replaced_without_overwrite(images, weights, tmp_path):
+    out = tmp_path / 'mine'
+    out.mkdir()
+    (out / 'index.json').write_text('{"something": "else"}')
+    with pytest.raises(ConfigError, match='not the index of an "epsanet extract" output'):
+        extract(_cfg(images, weights, out))
+    assert (out / 'index.json').read_text() == '{"something": "else"}'

@@ -111,9 +111,11 @@ class Layout:
         """
         if self.kind == 'folder' and self.output.exists() and not self.output.is_dir():
             raise ConfigError(f'--output {self.output} is a file; a folder output needs a folder name (or use .npy).')
-        done = self.finished_plan()
-        if done is not None or self.index.exists():
-            self.remove_finished()  # another plan (checked by the caller) and overwrite given
+        if self.index.exists():
+            if self.finished_plan() is None and not overwrite:
+                raise ConfigError(f'{self.index} exists and is not the index of an "epsanet extract" output; choose '
+                                  'another --output, or pass --overwrite to replace it.')
+            self.remove_finished()  # a finished output with another plan (checked by the caller), --overwrite given
         if self.plan_file.is_file():
             old = read_json(self.plan_file)
             diff = differences(old, plan)

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data import DataError, ImageFolder, check_same_classes, split_dir
+from ..optimize import optimize_for_training
 from .checkpoint import (
     STATE_SUFFIX,
     WEIGHTS_SUFFIX,
@@ -174,6 +175,8 @@ class _Trainer:
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        if cfg.cpu_optimize and self.device.type == 'cpu':
+            optimize_for_training(model)
         if cfg.sync_bn:
             if self.device.type == 'cpu':
                 raise ConfigError('--sync-bn needs GPUs: PyTorch\'s SyncBatchNorm does not run on CPU. Drop --sync-bn.')

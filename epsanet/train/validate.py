@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..data import DataError, ImageFolder, split_dir
 from ..data.folder import unreadable_error
+from ..optimize import optimize_for_inference
 from .checkpoint import atomic_write, read_weights_metadata
 from .errors import ConfigError
 from .factory import build_model
@@ -126,6 +127,8 @@ class ValidateConfig:
     amp: bool = arg(False, 'mixed precision', V)
     amp_dtype: str = arg('', 'mixed precision dtype', V, choices=('float16', 'bfloat16'))
     channels_last: bool = arg(False, 'channels-last memory layout', V)
+    cpu_optimize: bool = arg(True, 'on CPU, run the model after epsanet.optimize_for_inference (BatchNorm folded, PSA '
+                                   'convs in the forms measured fastest on this CPU; same outputs)', V)
     strict: bool = arg(False, 'fail on unreadable images instead of skipping and counting them', V)
     results_file: str = arg('', 'write the results as JSON to this file', V)
     per_class: bool = arg(False, 'add per-class accuracy to the results', V)
@@ -175,6 +178,8 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.cpu_optimize and device.type == 'cpu':
+        optimize_for_inference(model)
     loader = eval_loader(dataset, data_config, cfg.batch_size, cfg.workers, device)
     want_matrix = cfg.per_class or cfg.confusion_matrix
     metrics = evaluate(model, loader, device, num_classes, autocast_for(device, cfg.amp, cfg.amp_dtype),

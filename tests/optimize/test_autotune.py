@@ -1,4 +1,6 @@
 """The autotuner: it times the candidates once per shape and CPU, keeps the fastest, can be forced."""
+import json
+
 import pytest
 import torch
 
@@ -9,8 +11,9 @@ SHAPE = ConvShape(2, 16, 8, 9, 9, 7, 1, 3, 1, 4, 'float32', False)
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache(monkeypatch):
+def _fresh_cache(monkeypatch, tmp_path):
     monkeypatch.delenv(autotune.ENV_FORMS, raising=False)
+    monkeypatch.setenv(autotune.ENV_CACHE, str(tmp_path / 'cache'))
     autotune.clear_cache()
     yield
     autotune.clear_cache()
@@ -84,3 +87,29 @@ def test_real_timing_returns_an_applicable_form():
     assert autotune.plan_forward(SHAPE, x, w) in conv_forms.forward_candidates(SHAPE)
     gx, gw = autotune.plan_backward(SHAPE, g, x, w)
     assert gx in conv_forms.INPUT_GRAD_FORMS and gw in conv_forms.weight_grad_candidates(SHAPE)
+
+
+def test_plans_are_kept_on_disk_for_the_next_process(monkeypatch, tmp_path):
+    x, w, g = _tensors()
+    first = autotune.plan_forward(SHAPE, x, w), autotune.plan_backward(SHAPE, g, x, w)
+    assert autotune.cache_file() == tmp_path / 'cache' / 'autotune.json' and autotune.cache_file().is_file()
+    autotune.clear_cache()  # a new process: nothing in memory, the file stays
+    monkeypatch.setattr(autotune, '_time', lambda *a, **k: pytest.fail('timed again'))
+    assert (autotune.plan_forward(SHAPE, x, w), autotune.plan_backward(SHAPE, g, x, w)) == first
+
+
+def test_a_damaged_cache_file_is_measured_again(monkeypatch, caplog):
+    path = autotune.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text('{not json')
+    x, w, _ = _tensors()
+    assert autotune.plan_forward(SHAPE, x, w) in conv_forms.forward_candidates(SHAPE)
+    assert 'Ignoring the autotune cache' in caplog.text
+    assert json.loads(path.read_text())  # rewritten whole
+
+
+def test_the_disk_cache_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(autotune.ENV_CACHE, 'none')
+    assert autotune.cache_file() is None
+    x, w, _ = _tensors()
+    assert autotune.plan_forward(SHAPE, x, w) in conv_forms.forward_candidates(SHAPE)

@@ -25,9 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory probes')
     p.add_argument('--memory-batch-size', type=int, default=16)
     p.add_argument('--memory-modes', nargs='*', default=['train'], choices=['infer', 'train'])
-    p.add_argument('--optimize', action='store_true',
+    p.add_argument('--optimize', action=argparse.BooleanOptionalAction, default=True,
                    help='give ours its documented one-line CPU setting: epsanet.optimize_for_inference(model) '
-                        'for inference, epsanet.optimize_for_training(model) for training')
+                        'for inference, epsanet.optimize_for_training(model) for training (default; '
+                        '--no-optimize measures the plain model)')
     p.add_argument('--runtime', nargs='+', default=['torch', 'onnxruntime'], choices=['torch', 'onnxruntime'],
                    help='torch: eager PyTorch rows; onnxruntime: inference of the models exported to ONNX')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')

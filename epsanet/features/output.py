@@ -67,7 +67,7 @@ class Layout:
                 self.files = {k: out if len(keys) == 1 else Path(f'{stem}.{k}.npy') for k in keys}
             else:
                 self.files = {k: out for k in keys}
-        elif out.suffix in ('.json', '.txt', '.pt', '.pth', '.h5', '.npz'):
+        elif out.suffix in ('.json', '.txt', '.csv', '.tsv', '.pt', '.pth', '.pkl', '.parquet', '.h5', '.npz'):
             raise ConfigError(f'--output {output}: give a folder (sharded safetensors), a .npy or a .safetensors '
                               'file name.')
         else:

@@ -27,10 +27,11 @@ from .data import DataError, ImageFiles, find_images
 from .data.folder import is_image_file, skipped_index, unreadable_error, verify_files
 from .progress import progress
 from .train.checkpoint import atomic_write
+from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
 from .train.errors import ConfigError
 from .train.flags import arg
 from .train.loaders import autocast_for, eval_loader
-from .train.validate import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, dataset_from_config, load_for_inference
+from .train.validate import dataset_from_config, load_for_inference
 
 __all__ = ['PredictConfig', 'PredictResult', 'predict', 'expand_inputs', 'write_results']
 

@@ -9,7 +9,8 @@ The source is named as in timm's ``--dataset`` flag and read through timm's read
 * ``hfds/NAME``: a Hugging Face ``datasets`` data set: a local ``save_to_disk`` folder, a local
   folder of parquet/image files or a local script, or a Hub name (a download; not offline);
 * ``wds/NAME``: webdataset shards under ``root`` (``<split>-{0000..0009}.tar`` with ``_info.json``
-  or ``_info.yaml``, timm's layout);
+  or ``_info.yaml``, timm's layout; class names from ``class_map`` or a ``classes`` list in the info
+  file);
 * ``torch/NAME``: a torchvision data set (``torch/mnist``, ``torch/cifar10``, ...); downloaded
   only with ``download=True`` (``--dataset-download``).
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from PIL import Image
+from timm.data import IterableImageDataset
 from torch.utils.data import Dataset
 
 from .folder import DataError, ImageFolder, UnreadableImageError, split_dir, unreadable_target
@@ -150,6 +152,9 @@ class _TorchvisionReader:
         return img, target
 
     def filename(self, index: int) -> str:
+        samples = getattr(self.ds, 'samples', None)  # torchvision's folder data sets know their files
+        if samples and isinstance(samples[index], (tuple, list)) and isinstance(samples[index][0], str):
+            return samples[index][0]
         return f'{type(self.ds).__name__}[{index}]'
 
 
@@ -268,7 +273,7 @@ def _tar_dataset(path: Path, class_map, **opts) -> ReaderDataset:
             from e
     if len(reader) == 0:
         raise DataError(f'{path} holds no images (expected members <class>/<image>.jpg|png|...).')
-    return ReaderDataset(reader, _classes_of(reader.class_to_idx), str(path), **opts)
+    return ReaderDataset(reader, _classes_of(reader.class_name_to_idx), str(path), **opts)
 
 
 def _hfds_dataset(ds_name: str, root: str, split: str, class_map, kwargs, **opts) -> ReaderDataset:
@@ -311,23 +316,35 @@ def _torch_dataset(name: str, root: str, split: str, download: bool, **opts) -> 
     return ReaderDataset(_TorchvisionReader(ds), classes, f'{name}:{split}', **opts)
 
 
+class ShardDataset(IterableImageDataset):
+    """timm's ``IterableImageDataset`` over webdataset shards, with the counters the training loop reads
+    (webdataset's pipeline drops an undecodable sample itself, with a log line: nothing to count here)."""
+    num_skipped = 0
+    classes: List[str] = []
+
+    def reset_skipped(self) -> None:
+        pass
+
+
 def _wds_dataset(name: str, root: str, split: str, class_map, is_training: bool, batch_size: int, seed: int,
                  kwargs) -> Dataset:
-    from timm.data import create_dataset
-
     try:
         import webdataset  # noqa: F401
     except ImportError as e:
         raise DataError('wds/ data sets need the webdataset package: pip install webdataset') from e
     if not root or not Path(root).is_dir():
         raise DataError(f'--dataset {name} needs --data-dir: the folder holding the shards and _info.json.')
-    try:
-        ds = create_dataset(name, root=root, split=split, class_map=class_map, is_training=is_training,
-                            batch_size=batch_size, seed=seed, **kwargs)
-    except (FileNotFoundError, AssertionError, KeyError, ValueError) as e:
+    try:  # what timm.data.create_dataset does for wds/, on a class that also has the counters
+        ds = ShardDataset(root, reader=name, split=split, class_map=class_map, is_training=is_training,
+                    batch_size=batch_size, seed=seed, **kwargs)
+    except (FileNotFoundError, AssertionError, KeyError, ValueError, RuntimeError) as e:
         raise DataError(f'cannot read webdataset shards of split "{split}" under {root} ({type(e).__name__}: {e}). '
                         "timm's layout: _info.json (or .yaml) with the split's shard names and sizes.") from e
-    names = getattr(ds.reader, 'class_to_idx', None)
-    ds.classes = _classes_of(names) if names else []
+    mapping = getattr(ds.reader, 'class_to_idx', None)
+    info_classes = (getattr(ds.reader, 'info', None) or {}).get('classes')
+    ds.classes = _classes_of(mapping) if mapping else [str(c) for c in info_classes or []]
+    if is_training and not ds.classes:
+        raise DataError(f'the webdataset shards under {root} name no classes: give --class-map FILE (one class name '
+                        'per line) or a "classes" list in _info.json.')
     ds.root = f'{name}:{root}/{split}'
     return ds

@@ -19,6 +19,7 @@ from ..data import DataError, create_image_dataset, dataset_classes
 from ..data.folder import skipped_index, unreadable_error
 from ..progress import progress as progress_bar
 from .checkpoint import atomic_write, read_weights_metadata
+from .config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
 from .errors import CheckpointError, ConfigError
 from .factory import build_model
 from .flags import arg
@@ -119,10 +120,6 @@ def verify_images(dataset, progress: bool = True) -> None:
 
 
 V = 'validation'
-DATASET_HELP = ('data source, as timm\'s --dataset: "" = ImageFolder or .tar, hfds/NAME (Hugging Face datasets, e.g. '
-                'a save_to_disk folder), wds/NAME (webdataset shards in --data-dir), torch/NAME (torchvision)')
-CLASS_MAP_HELP = 'class map file (one class name per line, line i = class i), as timm\'s --class-map'
-DOWNLOAD_HELP = 'let torch/ data sets download into --data-dir'
 
 
 def dataset_from_config(cfg, split: str, is_training: bool = False, mark_unreadable: bool = True, **kwargs: Any):

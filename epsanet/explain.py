@@ -48,6 +48,8 @@ class ExplainConfig:
     inputs: Tuple[str, ...] = arg((), 'image files, folders (searched recursively) or glob patterns', E, metavar='PATH')
     output_dir: str = arg('explain', 'folder for <image>.png and <image>.npz', E)
     target_class: str = arg('', 'explain this class (a name or an index) instead of the predicted one', E)
+    layer: str = arg('layer4', 'the stage Grad-CAM looks at (layer1-layer4; the last stage by default). Below 64 px '
+                               'stage 4 is a 1x1 map and its Grad-CAM is flat: use a larger --img-size or layer3', E)
     model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', E)
     checkpoint: str = arg('', 'weights: a file, an http(s) URL, hf-hub:org/repo or a folder from "epsanet convert"', E)
     pretrained: bool = arg(False, "use the model's registered pretrained weights", E)
@@ -72,6 +74,7 @@ class Explanation:
     branch_weights: Dict[str, np.ndarray]  # PSA module name -> [S, C] softmax weights (kernel_sizes order)
     stage_means: np.ndarray  # [num_stages, S]: mean branch weight per stage (rows: stages in `stages`)
     stages: List[int]
+    layer: str = 'layer4'
 
 
 def psa_modules(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
@@ -148,7 +151,8 @@ def explain_tensor(model: torch.nn.Module, x: torch.Tensor, target: Optional[int
     means = np.stack([torch.stack(per_stage[s]).mean(0).cpu().numpy() for s in stages]) if stages else \
         np.zeros((0, len(kernel_sizes)))
     return Explanation(cam.cpu().numpy().astype(np.float32), target,
-                       logits.detach().float().softmax(dim=1)[0].cpu().numpy(), kernel_sizes, branch, means, stages)
+                       logits.detach().float().softmax(dim=1)[0].cpu().numpy(), kernel_sizes, branch, means, stages,
+                       layer)
 
 
 def plot_explanation(image: np.ndarray, exp: Explanation, path: str, title: str = '') -> None:
@@ -162,7 +166,7 @@ def plot_explanation(image: np.ndarray, exp: Explanation, path: str, title: str 
     axes[0].set_title('input (as the model sees it)', fontsize=9)
     axes[1].imshow(image)
     axes[1].imshow(exp.cam, cmap='jet', alpha=0.45, vmin=0, vmax=1)
-    axes[1].set_title('Grad-CAM, last stage', fontsize=9)
+    axes[1].set_title(f'Grad-CAM, {exp.layer}', fontsize=9)
     for ax in axes[:2]:
         ax.axis('off')
     ax = axes[2]
@@ -223,6 +227,11 @@ def explain(cfg: ExplainConfig) -> List[Dict[str, Any]]:
     if len(classes) != model.num_classes:
         classes = [str(i) for i in range(model.num_classes)]
     target = _target_index(cfg.target_class, classes, model.num_classes)
+    try:
+        model.get_submodule(cfg.layer)
+    except AttributeError as e:
+        raise ConfigError(f'--layer {cfg.layer}: the model has no such module; use layer1, layer2, layer3 or layer4.') \
+            from e
     device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device).requires_grad_(False)  # gradients flow to the activations only
     transform = create_transform(**data_config)
@@ -242,7 +251,7 @@ def explain(cfg: ExplainConfig) -> List[Dict[str, Any]]:
             skipped.append(path)
             continue
         x = transform(img)
-        exp = explain_tensor(model, x[None].to(device), target)
+        exp = explain_tensor(model, x[None].to(device), target, layer=cfg.layer)
         shown = ((x.detach() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         stem = Path(path).stem
         stems[stem] = stems.get(stem, 0) + 1

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from .data import DataError, ImageFiles, find_images
+from .data import DataError, ImageFiles, IndexedSamples, find_images
 from .data.folder import is_image_file, skipped_index, unreadable_error, verify_files
 from .progress import progress
 from .train.checkpoint import atomic_write
@@ -112,28 +112,6 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
     return list(dict.fromkeys(out))
 
 
-class _Indexed(Dataset):
-    """A data set whose samples carry their own index instead of the class (negative: unreadable)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value):
-        self.dataset.transform = value
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        img, target = self.dataset[index]
-        return img, (index if target >= 0 else target)
-
-
 def _inputs(cfg: PredictConfig) -> Tuple[Dataset, List[str], str]:
     """The data set of (image, index) samples, the filename of each index, and where the images are."""
     if cfg.inputs and cfg.data_dir:
@@ -156,7 +134,7 @@ def _inputs(cfg: PredictConfig) -> Tuple[Dataset, List[str], str]:
         if bad:
             raise unreadable_error(bad, dataset.root)
     names = [dataset.filename(i) for i in range(len(dataset))]
-    return _Indexed(dataset), names, str(dataset.root)
+    return IndexedSamples(dataset), names, str(dataset.root)
 
 
 def predict(cfg: PredictConfig) -> PredictResult:

@@ -35,7 +35,9 @@ from torch.utils.data import Dataset
 from .folder import DataError, ImageFolder, UnreadableImageError, split_dir, unreadable_target
 from .image import UNREADABLE_ERRORS, to_rgb
 
-__all__ = ['create_image_dataset', 'ReaderDataset', 'dataset_classes', 'SOURCE_PREFIXES']
+__all__ = [
+    'create_image_dataset', 'IndexedSamples', 'ReaderDataset', 'ShardDataset', 'dataset_classes', 'SOURCE_PREFIXES',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -133,6 +135,31 @@ class ReaderDataset(Dataset):
         finally:
             self.strict = strict
         return bad
+
+
+class IndexedSamples(Dataset):
+    """``(image, index)`` samples of a random-access data set instead of ``(image, class)``; an unreadable
+    image keeps its negative :func:`~epsanet.data.folder.unreadable_target` (built with
+    ``mark_unreadable=True``). For outputs with one row per file (predict, extract): the row's
+    file is ``dataset.filename(index)``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    @property
+    def transform(self):  # timm's create_loader sets the transform on the data set it is given
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        img, target = self.dataset[index]
+        return img, (index if target >= 0 else target)
 
 
 class _TorchvisionReader:

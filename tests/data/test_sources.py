@@ -137,3 +137,16 @@ def test_torchrun_two_cpu_processes_train_from_webdataset_shards(tmp_path):
     assert 'data: 6 train images' in proc.stderr  # per process: the 12 images' 2 shards split over 2 processes
     from epsanet.train import read_weights_metadata
     assert read_weights_metadata(out / 'last.safetensors')['classes'] == list(CLASSES)
+
+
+def test_split_tars_and_indexed_samples(folder, tmp_path):
+    from epsanet.data import IndexedSamples
+
+    write_tar(folder / 'train', tmp_path / 'train.tar')
+    ds = create_image_dataset('', tmp_path, 'train', is_training=True)  # DATA/<split>.tar
+    assert ds.classes == list(CLASSES) and len(ds) == 6
+    val = create_image_dataset('', folder, 'val', mark_unreadable=True)
+    indexed = IndexedSamples(val)
+    assert [indexed[i][1] for i in range(len(indexed))] == [0, 1, 2, 3, -1 - BAD, 5, 6, 7, 8]
+    indexed.transform = lambda img: img.size
+    assert val.transform is not None and indexed[0][0] == (16, 16)

@@ -199,13 +199,12 @@ def _from_timm_source(cfg, model_kwargs: Dict[str, Any]) -> Tuple[torch.nn.Modul
     if cfg.num_classes:
         model_kwargs = dict(model_kwargs, num_classes=cfg.num_classes)
     try:
-        if cfg.model:
-            from ..weights.loading import create_pretrained
-            model = create_pretrained(cfg.model, src if src.startswith('hf-hub:') else name, **model_kwargs)
-        else:
-            model = timm.create_model(name, pretrained=True, **model_kwargs)
+        model = timm.create_model(name, pretrained=True, **model_kwargs)  # the architecture from config.json
     except (WeightsError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f'cannot load {src}: {e}') from e
+    arch = model.pretrained_cfg.get('architecture')
+    if cfg.model and arch and cfg.model.split('.')[0] != arch:
+        raise CheckpointError(f'{src} holds {arch} weights, not {cfg.model}: drop --model or pass --model {arch}.')
     pc = model.pretrained_cfg
     names = pc.get('label_names')
     if isinstance(names, dict):  # timm allows {index: name} with gaps

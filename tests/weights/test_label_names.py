@@ -100,3 +100,18 @@ def test_hub_label_names_reach_timm_and_predict_offline(hub_server, offline, lab
     # a converted folder works as --checkpoint too
     assert main(['predict', str(images), '--checkpoint', str(out), '-j', '0', '--no-progress']) == 0
     assert 'labels are class indices' not in capsys.readouterr().out
+
+
+def test_predict_from_a_url_keeps_the_recorded_names_and_hub_errors_are_clear(file_server, hub_server, offline,
+                                                                               trained_file, tmp_path, monkeypatch):
+    from epsanet.train.errors import CheckpointError
+
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch-home'))
+    file_server.files['/w/best.safetensors'] = trained_file.read_bytes()
+    images = write_image_folder(tmp_path / 'img', classes=('x',), splits={'val': 1})
+    result = predict(PredictConfig(inputs=(str(images),), checkpoint=f'{file_server.url}/w/best.safetensors',
+                                   workers=0, progress=False))
+    assert result.label_source == 'checkpoint' and result.classes == CLASSES and result.img_size == 32
+    offline()
+    with pytest.raises(CheckpointError, match='cannot load hf-hub:test-org/missing'):
+        predict(PredictConfig(inputs=(str(images),), checkpoint='hf-hub:test-org/missing', workers=0, progress=False))

@@ -175,10 +175,16 @@ def plot_explanation(image: np.ndarray, exp: Explanation, path: str, title: str 
     xs = np.arange(len(exp.stages))
     for j, k in enumerate(exp.kernel_sizes):
         ax.bar(xs + (j - (s - 1) / 2) * width, exp.stage_means[:, j], width, label=f'{k}x{k}')
-    ax.axhline(1 / max(s, 1), color='grey', lw=0.8, ls='--')
+    uniform = 1 / max(s, 1)
+    ax.axhline(uniform, color='grey', lw=0.8, ls='--')
     ax.set_xticks(xs, [f'stage {st}' for st in exp.stages])
     ax.set_ylabel('mean softmax weight')
-    ax.set_title('PSA attention per kernel size (dashed: uniform)', fontsize=9)
+    chart_title = 'PSA attention per kernel size (dashed: uniform)'
+    spread = float(np.abs(exp.stage_means - uniform).max()) if exp.stage_means.size else 0.0
+    if 0 < spread < 0.1 * uniform:  # near-uniform weights: zoom in so the differences show
+        ax.set_ylim(uniform - 1.6 * spread, uniform + 1.6 * spread)
+        chart_title += ', y zoomed'
+    ax.set_title(chart_title, fontsize=9)
     ax.legend(fontsize=8, ncol=s)
     if title:
         fig.suptitle(title, fontsize=10)

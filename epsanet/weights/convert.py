@@ -90,6 +90,21 @@ def _label_names(src: Path, given: Optional[Sequence[str]], num_classes: int) ->
     return names
 
 
+def _recorded_data_config(src: Path) -> Optional[Dict[str, Any]]:
+    """The eval preprocessing an ``epsanet train`` checkpoint records (size, crop, interpolation, mean, std),
+    for config.json: without it the folder would be read at the model's default 224 px."""
+    if src.suffix != '.safetensors':
+        return None
+    from ..train.checkpoint import read_weights_metadata
+
+    meta = read_weights_metadata(src)
+    config = {k: meta[k] for k in ('img_size', 'crop_pct', 'interpolation', 'mean', 'std') if meta.get(k)}
+    for k in ('mean', 'std'):
+        if k in config:
+            config[k] = tuple(config[k])
+    return config or None
+
+
 def read_label_names(path: Union[str, Path]) -> List[str]:
     """Class names from a text file, one per line in index order (blank lines ignored), as timm's class maps."""
     try:
@@ -203,6 +218,7 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
     model.pretrained_cfg.update(tag=tag, license=license)
     num_classes, in_chans = model.num_classes, model.conv1.in_channels
     label_names = _label_names(src, label_names, num_classes)
+    data_config = _recorded_data_config(src)
     steps.update()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +226,7 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
     try:
         steps.set_postfix_str('save')
         save_for_hf(model, str(tmp), model_config=dict(label_names=label_names) if label_names else None,
-                    safe_serialization=True)
+                    data_config=data_config, safe_serialization=True)
         _drop_repeated_model_args(tmp / CONFIG_NAME)
         steps.update()
 

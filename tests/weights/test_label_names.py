@@ -42,6 +42,7 @@ def test_config_json_is_timms_layout_with_label_names(labelled_dir, trained_file
     config = json.loads((out / 'config.json').read_text())
     assert config['label_names'] == CLASSES and config['num_classes'] == 3
     assert 'num_classes' not in config.get('model_args', {})
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32]  # the eval size the training recorded
     # everything else exactly as timm's own save_for_hf writes it
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     save_for_hf(model, str(tmp_path), model_config=dict(label_names=CLASSES), safe_serialization=True)
@@ -84,7 +85,8 @@ def test_transformers_auto_model_and_pipeline(labelled_dir):
     assert sorted(p['label'] for p in preds) == CLASSES
 
 
-def test_hub_label_names_reach_timm_and_predict_offline(hub_server, offline, labelled_dir, tmp_path, capsys):
+def test_hub_label_names_reach_timm_and_predict_offline(hub_server, offline, labelled_dir, trained_file, tmp_path,
+                                                        capsys):
     out, _ = labelled_dir
     hub_server.repos[REPO] = {p.name: p.read_bytes() for p in out.iterdir()}
     timm.create_model(f'hf-hub:{REPO}', pretrained=True)  # fills the Hub cache
@@ -97,9 +99,14 @@ def test_hub_label_names_reach_timm_and_predict_offline(hub_server, offline, lab
                                    img_size=32))
     assert result.label_source == 'checkpoint' and result.count == 2
     assert all(r['label'][0] in CLASSES for r in result.rows)
-    # a converted folder works as --checkpoint too
+    # a converted folder works as --checkpoint too, with the recorded eval transform: the same predictions
     assert main(['predict', str(images), '--checkpoint', str(out), '-j', '0', '--no-progress']) == 0
     assert 'labels are class indices' not in capsys.readouterr().out
+    from_folder = predict(PredictConfig(inputs=(str(images),), checkpoint=str(out), workers=0, progress=False))
+    from_file = predict(PredictConfig(inputs=(str(images),), checkpoint=str(trained_file), workers=0, progress=False))
+    assert from_folder.img_size == from_file.img_size == 32
+    for a, b in zip(from_folder.rows, from_file.rows):
+        assert a['label'] == b['label'] and a['prob'] == pytest.approx(b['prob'], abs=1e-5)
 
 
 def test_predict_from_a_url_keeps_the_recorded_names_and_hub_errors_are_clear(file_server, hub_server, offline,

@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import DataError, ImageFolder, check_same_classes, split_dir
+from ..data import DataError, check_same_classes
 from ..optimize import optimize_for_training
 from .checkpoint import (
     STATE_SUFFIX,
@@ -42,7 +42,7 @@ from .factory import build_model
 from .freeze import export_state_dict, freeze_modules
 from .loaders import autocast_for, data_config_for, eval_loader
 from .metrics import MetricsLog
-from .validate import evaluate, verify_images
+from .validate import dataset_from_config, evaluate, verify_images
 
 __all__ = ['Callback', 'TrainResult', 'train']
 
@@ -117,8 +117,10 @@ class _Trainer:
     # ---- setup -------------------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.train_ds = ImageFolder(split_dir(cfg.data_dir, cfg.train_split), strict=cfg.strict)
-        self.val_ds = ImageFolder(split_dir(cfg.data_dir, cfg.val_split), strict=cfg.strict) if cfg.val_split else None
+        self.train_ds = dataset_from_config(cfg, cfg.train_split, is_training=True, mark_unreadable=False,
+                                            batch_size=cfg.batch_size, seed=cfg.seed)
+        self.val_ds = dataset_from_config(cfg, cfg.val_split, batch_size=cfg.validation_batch_size or cfg.batch_size) \
+            if cfg.val_split else None
         if self.val_ds is not None:
             check_same_classes(self.train_ds.classes, self.val_ds.classes, self.train_ds.root, self.val_ds.root)
         if cfg.strict:

@@ -36,7 +36,7 @@ def test_train_cli_writes_a_run(trained, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['train', '--data-dir', 'no/such/dir'], 'data dir no/such/dir does not exist'),
     (['validate', '--data-dir', 'no/such/dir'], 'does not exist'),
-    (['extract', '--data-dir', '.', '--output', 'x.csv'], 'use a .safetensors or .npy'),
+    (['extract', '--data-dir', '.', '--output', 'x.csv'], 'give a folder (sharded safetensors), a .npy'),
     (['train'], '--data-dir is required'),
 ])
 def test_user_errors_are_one_line(argv, message, capsys):

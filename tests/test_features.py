@@ -352,3 +352,31 @@ def test_a_foreign_index_json_is_not_replaced_without_overwrite(images, weights,
     with pytest.raises(ConfigError, match='not the index of an "epsanet extract" output'):
         extract(_cfg(images, weights, out))
     assert (out / 'index.json').read_text() == '{"something": "else"}'
+
+
+@pytest.mark.parametrize('source', ['tar', 'hfds'])
+def test_dataset_sources_give_the_rows_of_the_folder(tmp_path, source):
+    """--dataset (timm's create_dataset: a .tar, a Hugging Face save_to_disk folder) embeds the same images,
+    one row per image, keyed by the data set's file names; webdataset shards are refused (no file names)."""
+    from epsanet.data.synthetic import write_hf_dataset, write_image_folder, write_tar
+
+    folder = write_image_folder(tmp_path / 'imgs', classes=('a', 'b'), splits={'val': 3}, size=32) / 'val'
+    if source == 'tar':  # a .tar is timm's default source: the archive as the root of --dataset image_folder
+        cfg = dict(data_dir=str(write_tar(folder, tmp_path / 'val.tar')), dataset='image_folder')
+    else:
+        root = write_hf_dataset(folder, tmp_path / 'hf', split='val')
+        cfg = dict(data_dir=str(root), dataset=f'hfds/{root}', split='val')
+    common = dict(img_size=32, workers=0, batch_size=4, progress=False)
+    out = extract(ExtractConfig(output=str(tmp_path / 'from-source'), **cfg, **common))
+    ref = extract(ExtractConfig(data_dir=str(folder), output=str(tmp_path / 'from-folder'), **common))
+    assert out['count'] == ref['count'] == 6
+    a, b = load(tmp_path / 'from-source'), load(tmp_path / 'from-folder')
+    assert len(set(a.paths)) == 6  # every row has its own key
+    # both sources list class a's images, then class b's, each in name order
+    torch.testing.assert_close(a.rows(0, 6)['features'], b.rows(0, 6)['features'], atol=1e-4, rtol=1e-4)
+
+
+def test_webdataset_source_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(ConfigError, match='random access'):
+        extract(ExtractConfig(data_dir=str(tmp_path), dataset='wds/x', output=str(tmp_path / 'o'), workers=0,
+                              progress=False))

@@ -3,6 +3,7 @@ import dataclasses
 import re
 from typing import Optional, Tuple
 
+from ..train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
 from ..train.errors import ConfigError
 from ..train.flags import arg
 
@@ -14,7 +15,11 @@ X = 'extraction'
 @dataclasses.dataclass
 class ExtractConfig:
     """Options of :func:`~epsanet.features.extract`."""
-    data_dir: str = arg('', 'folder of images (searched recursively; any layout)', X)
+    data_dir: str = arg('', 'folder of images (searched recursively; any layout), or the root of --dataset', X)
+    dataset: str = arg('', DATASET_HELP + '; webdataset shards (wds/) have no per-file names and are refused', X)
+    split: str = arg('', 'with --dataset: the split to embed (e.g. "val"; "" for --data-dir itself)', X)
+    class_map: str = arg('', CLASS_MAP_HELP, X)
+    dataset_download: bool = arg(False, DOWNLOAD_HELP, X)
     output: str = arg('features', 'output: a folder (sharded safetensors + index.json), a .npy file (one '
                                   'preallocated .npy per output) or a .safetensors file (one file)', X)
     shard_size: str = arg('1GB', 'largest shard file of a folder output (bytes, or with KB/MB/GB)', X)

@@ -25,13 +25,13 @@ import torch.distributed as torch_dist
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DataError, ImageFiles, find_images
+from ..data import DataError, ImageFiles, IndexedSamples, find_images
 from ..data.folder import unreadable_error, verify_files
 from ..progress import progress
 from ..train.distributed import DistInfo, init_distributed
 from ..train.errors import ConfigError
 from ..train.loaders import autocast_for
-from ..train.validate import load_for_inference
+from ..train.validate import dataset_from_config, load_for_inference
 from .config import ExtractConfig, parse_size
 from .output import Layout, differences, fingerprint, read_json, write_json
 from .writers import NpyWriter, ShardWriter, TensorSpec
@@ -48,10 +48,13 @@ MIN_CHUNKS_PER_PROCESS = 4  # small outputs are still cut so that every process 
 def build_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
     """The images to embed and their names (the row keys: paths relative to ``--data-dir``), in row order.
 
-    This is the one place that chooses the data source; other sources (timm's ``create_dataset``)
-    belong here. The dataset must give ``(image, index)`` samples, ``index < 0`` for an image
-    that cannot be read, and take its transform through a ``transform`` attribute.
+    This is the one place that chooses the data source: a folder searched recursively, or with
+    ``--dataset`` any random-access source of timm's ``create_dataset`` (a folder of class folders or a
+    .tar, ``hfds/``, ``torch/``). The dataset gives ``(image, index)`` samples, ``index < 0`` for an
+    image that cannot be read, and takes its transform through a ``transform`` attribute.
     """
+    if cfg.dataset:
+        return _named_dataset(cfg)
     if not cfg.data_dir:
         raise ConfigError('--data-dir is required: the folder of images to embed.')
     root = Path(cfg.data_dir)
@@ -65,6 +68,24 @@ def build_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
         if bad:
             raise unreadable_error(bad, root)
     return ImageFiles(paths, strict=cfg.strict), [p.relative_to(root).as_posix() for p in paths]
+
+
+def _named_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
+    dataset = None if cfg.dataset.startswith('wds/') else dataset_from_config(cfg, cfg.split)
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        raise ConfigError(f'--dataset {cfg.dataset}: extract needs a data source with random access (a folder, '
+                          '.tar, hfds/ or torch/); streamed webdataset shards have no per-file names to key rows by.')
+    if cfg.strict and hasattr(dataset, 'verify'):
+        bad = dataset.verify(progress=cfg.progress)
+        if bad:
+            raise unreadable_error(bad, getattr(dataset, 'root', cfg.data_dir))
+    if len(dataset) == 0:
+        raise DataError(f'--dataset {cfg.dataset} holds no images.')
+    names = [str(dataset.filename(i)) for i in range(len(dataset))]
+    if len(set(names)) < len(names):  # e.g. Hugging Face data sets keep only base names: key rows by index too
+        _logger.info('--dataset %s names some images alike; rows are keyed "INDEX/NAME".', cfg.dataset)
+        names = [f'{i}/{n}' for i, n in enumerate(names)]
+    return IndexedSamples(dataset), names
 
 
 def _prepare_model(cfg: ExtractConfig, device: torch.device, stages: Tuple[int, ...]):

@@ -18,7 +18,7 @@ Backward forms: the input gradient by the conv's own backward in NCHW or channel
 :mod:`epsanet.optimize.fft_weight_grad`).
 """
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,14 +94,15 @@ def weight_grad_candidates(shape: ConvShape) -> List[str]:
 
 
 def grouped_conv_as_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int,
-                              groups: int) -> torch.Tensor:
+                              groups: int, weight_shape: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """``conv2d(x, weight, groups=groups)`` computed with depthwise convs and sums.
 
     Output channel ``j`` of group ``g`` is the sum over the group's ``I`` input channels ``i`` of
     ``x[g, i] * weight[g, j, i]``: one depthwise conv over all input channels per output channel ``j``
-    of a group, then a sum over ``i``.
+    of a group, then a sum over ``i``. ``weight_shape`` gives the weight's shape as Python ints, for
+    tracing (ONNX export), which would otherwise record the sizes as tensors.
     """
-    out_chs, in_per_group, kh, kw = weight.shape
+    out_chs, in_per_group, kh, kw = weight_shape or weight.shape
     out_per_group = out_chs // groups
     per_out = weight.reshape(groups, out_per_group, in_per_group, kh, kw)
     outs: List[torch.Tensor] = []

@@ -41,7 +41,9 @@ class DepthwiseSumConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grouped_conv_as_depthwise(x, self.weight, self.stride[0], self.padding[0], self.dilation[0], self.groups)
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        return grouped_conv_as_depthwise(x, self.weight, self.stride[0], self.padding[0], self.dilation[0], self.groups,
+                                         shape)
 
 
 def _branch_shapes(model: nn.Module, example: torch.Tensor) -> Dict[nn.Conv2d, ConvShape]:

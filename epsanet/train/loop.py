@@ -46,7 +46,15 @@ from .freeze import export_state_dict, freeze_modules
 from .interrupt import GracefulStop, Interrupted, pause_point, signal_name
 from .loaders import autocast_for, data_config_for, eval_loader
 from .metrics import MetricsLog
-from .resume import broadcast, capture_rng, gather, restore_rng, resumable_loader
+from .resume import (
+    broadcast,
+    capture_rng,
+    gather,
+    load_scheduler_state,
+    restore_rng,
+    resumable_loader,
+    scheduler_state,
+)
 from .validate import evaluate, verify_images
 
 __all__ = ['Callback', 'TrainResult', 'train']
@@ -313,7 +321,7 @@ class _Trainer:
             self.optimizer, **scheduler_kwargs(cfg), updates_per_epoch=self.updates_per_epoch)
         if self.scheduler is not None and self.state:
             if self.state.get('scheduler'):
-                self.scheduler.load_state_dict(self.state['scheduler'])
+                load_scheduler_state(self.scheduler, self.state['scheduler'])
             if cfg.sched_on_updates:
                 self.scheduler.step_update(self.start_epoch * self.updates_per_epoch + self.start_step)
             else:
@@ -362,9 +370,7 @@ class _Trainer:
         if not self.primary:
             return state_path
         weights = export_state_dict(self.bare_model, self.dropped_buffers)
-        scheduler = self.scheduler.state_dict() if self.scheduler is not None else None
-        if scheduler is not None and hasattr(self.scheduler, 'lr_scheduler'):  # timm's plateau keeps only 'best'
-            scheduler = dict(scheduler, **self.scheduler.lr_scheduler.state_dict())
+        scheduler = scheduler_state(self.scheduler) if self.scheduler is not None else None
         state = dict(
             format=STATE_FORMAT, model=self.cfg.model, num_classes=self.num_classes, classes=self.classes, epoch=epoch,
             step=step, progress=progress, model_state=weights, optimizer=self.optimizer.state_dict(),

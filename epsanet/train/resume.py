@@ -20,8 +20,8 @@ import torch.distributed as dist
 from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ['EpochSeeded', 'ResumableSampler', 'resumable_loader', 'capture_rng', 'restore_rng', 'gather',
-           'broadcast']
+__all__ = ['EpochSeeded', 'ResumableSampler', 'resumable_loader', 'capture_rng', 'restore_rng', 'scheduler_state',
+           'load_scheduler_state', 'gather', 'broadcast']
 
 
 class EpochSeeded(Dataset):
@@ -111,6 +111,22 @@ def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
     np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
     if device.type == 'cuda' and state.get('cuda') is not None:
         torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def scheduler_state(scheduler) -> Dict[str, Any]:
+    """A timm scheduler's state; for the plateau schedule also its torch ``ReduceLROnPlateau``'s (timm keeps only
+    ``best`` and ``last_epoch``, losing the patience and cooldown counters)."""
+    state = scheduler.state_dict()
+    if hasattr(scheduler, 'lr_scheduler'):
+        state = dict(scheduler.lr_scheduler.state_dict(), **state)
+    return state
+
+
+def load_scheduler_state(scheduler, state: Dict[str, Any]) -> None:
+    scheduler.load_state_dict(state)
+    if hasattr(scheduler, 'lr_scheduler'):
+        scheduler.lr_scheduler.load_state_dict({k: v for k, v in state.items()
+                                                if k in scheduler.lr_scheduler.state_dict()})
 
 
 def _distributed() -> bool:

@@ -10,6 +10,7 @@ from epsanet.data import DataError, write_image_folder
 from epsanet.train import (
     Callback,
     CheckpointError,
+    Interrupted,
     NonFiniteLossError,
     TrainConfig,
     parse_config,
@@ -80,25 +81,46 @@ def test_run_writes_checkpoints_metrics_and_plot(full_run, data):
     assert parse_config(TrainConfig, ['--config', str(out / 'args.yaml')]) == _cfg(data, out)
 
 
-def test_resume_repeats_the_uninterrupted_losses(full_run, data, tmp_path):
-    _, losses = full_run
+def _same_weights(a, b):
+    wa, wb = load_file(a / 'last.safetensors'), load_file(b / 'last.safetensors')
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k != 'train_img_per_sec'} for r in rows]
+
+
+def test_resume_after_an_epoch_repeats_the_uninterrupted_run(full_run, data, tmp_path):
+    result, losses = full_run
     first = Recorder(stop_after_epoch=0)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(data, tmp_path), callbacks=[first])
     second = Recorder()
-    result = train(_cfg(data, tmp_path, resume=str(tmp_path)), callbacks=[second])
-    assert [x[:2] for x in first.losses + second.losses] == [x[:2] for x in losses]
-    resumed = [x[2] for x in first.losses + second.losses]
-    assert resumed == pytest.approx([x[2] for x in losses], rel=1e-5, abs=1e-6)
-    assert [r['epoch'] for r in result.metrics] == [1, 2]
+    resumed = train(_cfg(data, tmp_path, resume=str(tmp_path)), callbacks=[second])
+    assert first.losses + second.losses == losses  # exactly
+    assert _without_timing(resumed.metrics) == _without_timing(result.metrics)
+    assert _same_weights(tmp_path, result.output_dir)
 
 
-def test_ctrl_c_mid_epoch_saves_and_says_how_to_resume(data, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
-        train(_cfg(data, tmp_path, epochs=1), callbacks=[Recorder(stop_at_step=(0, 1))])
+def test_ctrl_c_mid_epoch_saves_the_exact_position(full_run, data, tmp_path, caplog):
+    result, losses = full_run
+    first = Recorder(stop_at_step=(0, 1))
+    with caplog.at_level(logging.WARNING), pytest.raises(Interrupted) as e:
+        train(_cfg(data, tmp_path), callbacks=[first])
+    assert e.value.exit_code == 130 and e.value.state == tmp_path / 'last.state.pth'
     state = load_state(tmp_path / 'last.state.pth')
-    assert state['epoch'] == 0 and state['interrupted'] == dict(epoch=1, step=2)
-    assert 'interrupted at epoch 1, step 2' in caplog.text and '--resume' in caplog.text
+    assert (state['epoch'], state['step'], state['stopped_by']) == (0, 2, 'SIGINT')
+    assert 'stopped by SIGINT at epoch 1, step 2 of 3' in caplog.text and '--resume auto' in caplog.text
+    assert not (tmp_path / 'last.safetensors').exists()  # the weights file is written at epoch ends only
+    # the position only means the same with the same batch size (or processes, or data)
+    with pytest.raises(CheckpointError, match='with 1 processes x --batch-size 4 over 12 training images; this run '
+                                              'has 1 x 2 over 12'):
+        train(_cfg(data, tmp_path, resume='auto', batch_size=2))
+    second = Recorder()
+    resumed = train(_cfg(data, tmp_path, resume='auto'), callbacks=[second])
+    assert first.losses + second.losses == losses  # no batch trained twice, none skipped, same randomness
+    assert _without_timing(resumed.metrics) == _without_timing(result.metrics)
+    assert _same_weights(tmp_path, result.output_dir)
 
 
 def test_nan_loss_stops_naming_epoch_and_step(data, tmp_path):

@@ -6,9 +6,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from timm.data import create_loader
+from timm.data.loader import PrefetchLoader
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import Dataset
 
+from epsanet.data import ImageFolder, write_image_folder
 from epsanet.train import TrainConfig
 from epsanet.train.resume import (
     EpochSeeded,
@@ -16,6 +19,7 @@ from epsanet.train.resume import (
     capture_rng,
     load_scheduler_state,
     restore_rng,
+    resumable_loader,
     scheduler_state,
 )
 
@@ -88,3 +92,24 @@ def test_every_schedule_saves_and_restores_its_state(sched, tmp_path):
         scheduler.step(epoch, metric=1.0)
         resumed.step(epoch, metric=1.0)
         assert opt2.param_groups[0]['lr'] == opt.param_groups[0]['lr'], epoch
+
+
+@pytest.mark.parametrize('prefetcher', [False, True])
+def test_a_pass_started_part_way_yields_the_same_later_batches_with_workers(prefetcher, tmp_path):
+    # random-resized crops, flips and colour jitter in 2 worker processes: the batches after the skipped
+    # ones are identical, so a resume with --workers > 0 repeats the data exactly
+    root = write_image_folder(tmp_path, classes=('a', 'b', 'c'), splits={'train': 4})
+    timm_loader = create_loader(ImageFolder(root / 'train'), input_size=(3, 32, 32), batch_size=4, is_training=True,
+                                num_workers=2, persistent_workers=False, use_prefetcher=prefetcher,
+                                device=torch.device('cpu'))
+    loader, sampler = resumable_loader(timm_loader, seed=3, num_replicas=1, rank=0)
+    assert isinstance(loader, PrefetchLoader) == prefetcher and len(loader) == 3
+
+    def images(skip):
+        sampler.set_epoch(1)
+        sampler.skip = skip
+        return [x for x, _ in loader]
+
+    full, resumed = images(0), images(4)
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(full[1:], resumed))
+    assert not torch.equal(full[0], full[1])

@@ -8,7 +8,9 @@ raises :class:`Interrupted` at once. Either way the process ends within ``grace_
 the first signal: if saving has not finished by then (a collective waiting for a dead rank, a hung
 file system), a watchdog thread ends the process with the same exit code, keeping the last saved
 state. Later signals while stopping are logged and otherwise ignored (under torchrun, Ctrl-C
-reaches a worker twice: from the terminal and forwarded by torchrun).
+reaches a worker twice: from the terminal and forwarded by torchrun). Processes forked while the
+handlers are installed (DataLoader workers) ignore the signals: a Ctrl-C or a SIGTERM sent to the
+whole process group must not kill the workers the main process still reads from until it stops.
 
 The exit code of a stopped run is ``128 + signal number``, what a shell reports for a process
 killed by that signal: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1 (Linux numbering).
@@ -80,9 +82,11 @@ class GracefulStop:
         self.last_saved: Optional[Path] = None
         self._previous = {}
         self._timer: Optional[threading.Timer] = None
+        self._pid = os.getpid()
 
     def __enter__(self) -> 'GracefulStop':
         global _active
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -100,6 +104,8 @@ class GracefulStop:
             _active = None
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process decides when to stop
+            return
         name = signal_name(signum)
         if self.signum is not None:
             _logger.warning('%s received while stopping: still saving; the run ends within %g s of the first signal '

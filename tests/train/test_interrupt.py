@@ -81,3 +81,21 @@ def test_grace_period_ends_a_process_that_cannot_save(tmp_path):
 def test_pause_point_is_inert_without_its_environment(monkeypatch):
     monkeypatch.delenv('EPSANET_TEST_PAUSE_AT', raising=False)
     interrupt.pause_point('step')  # returns at once
+
+
+def test_forked_workers_ignore_the_signals_the_main_process_handles():
+    # DataLoader workers are forked with the handlers installed; a SIGTERM to the whole process group must not
+    # make them stop (or end them) while the main process still reads from them
+    with GracefulStop(grace_period=60) as stop:
+        stop.deferred = True
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                os._exit(0 if stop.requested() is None else 1)
+            finally:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert stop.requested() is None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data.loader import PrefetchLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 __all__ = ['EpochSeeded', 'ResumableSampler', 'resumable_loader', 'capture_rng', 'restore_rng', 'scheduler_state',
            'load_scheduler_state', 'gather', 'broadcast']
@@ -26,7 +26,9 @@ __all__ = ['EpochSeeded', 'ResumableSampler', 'resumable_loader', 'capture_rng',
 
 class EpochSeeded(Dataset):
     """``dataset`` indexed by ``(epoch, index)``: each sample's transform runs with Python's, NumPy's and
-    torch's CPU generators seeded from ``(seed, epoch, index)``; the caller's generator states are put back."""
+    torch's CPU generators seeded from ``(seed, epoch, index)``. In the main process (``--workers 0``) the
+    generator states are put back afterwards (dropout, mixup and the rest draw from them); a worker process
+    skips that (~0.2 ms a sample)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, int(seed)
@@ -45,16 +47,23 @@ class EpochSeeded(Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        if get_worker_info() is not None:  # a worker process: nothing else draws from its generators
+            self._seed(sample_seed)
+            return self.dataset[index]
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()  # ~0.2 ms, main process only
         try:
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
-            torch.default_generator.manual_seed(sample_seed)  # CPU only: torch.manual_seed would reset CUDA too
+            self._seed(sample_seed)
             return self.dataset[index]
         finally:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reset CUDA too
 
 
 class ResumableSampler(DistributedSampler):

@@ -1,5 +1,10 @@
 """End-to-end runs of :func:`epsanet.train.train` on a tiny generated ImageFolder (32 px, batch 4)."""
+import collections
 import logging
+import os
+import signal
+import threading
+import time
 
 import pytest
 import timm
@@ -13,6 +18,7 @@ from epsanet.train import (
     Interrupted,
     NonFiniteLossError,
     TrainConfig,
+    interrupt,
     parse_config,
     read_weights_metadata,
     train,
@@ -169,3 +175,26 @@ def test_run_options_and_corrupt_images(tmp_path):
     assert torch.isfinite(torch.tensor(result.metrics[0]['train_loss']))
     with pytest.raises(DataError, match='(?s)1 unreadable images.*3.png'):
         train(_cfg(data, tmp_path / 'strict', strict=True))
+
+
+def test_sigterm_during_a_checkpoint_write_finishes_the_write_then_stops(data, tmp_path, monkeypatch):
+    # a real SIGTERM, sent by another thread while the epoch-1 state is written (the write pauses there)
+    marker = tmp_path / 'paused'
+    monkeypatch.setenv('EPSANET_TEST_PAUSE_AT', 'state-write:1')
+    monkeypatch.setenv('EPSANET_TEST_PAUSE_FILE', str(marker))
+    monkeypatch.setattr(interrupt, '_reached', collections.Counter())
+
+    def send():
+        while not marker.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send, daemon=True).start()
+    rec = Recorder()
+    with pytest.raises(Interrupted) as e:
+        train(_cfg(data, tmp_path / 'run'), callbacks=[rec])
+    assert e.value.exit_code == 143 and 'stopped by SIGTERM after epoch 1' in str(e.value)
+    assert max(epoch for epoch, _, _ in rec.losses) == 0  # no step of epoch 2
+    state = load_state(tmp_path / 'run' / 'last.state.pth')  # the write was finished, not cut
+    assert (state['epoch'], state['step']) == (1, 0)
+    assert not list((tmp_path / 'run').glob('.*.tmp'))

@@ -59,7 +59,9 @@ def _torchrun(data, out, *torchrun_args):
             '2']
 
 
-_TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
+# one conv form for all (see tests/train/test_resume_signals.py): two processes must compute identically
+_TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE',
+                     EPSANET_CONV_FORMS='grouped_nchw,nchw,nchw')
 
 
 @pytest.fixture(scope='module')

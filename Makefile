@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # spinning threads starve each other (measured: training steps up to 10x slower).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast lint benchmark clean
+.PHONY: install demo test test-fast lint benchmark gpu-check clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py --optimize --json benchmark.json --markdown benchmark.md
+
+# on a machine with a CUDA GPU: correctness, AMP, compile, one training epoch and throughput, as a markdown table
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

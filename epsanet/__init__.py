@@ -4,8 +4,8 @@
 ``epsanet101_large`` with timm, so ``timm.create_model("epsanet50")`` works.
 """
 from .convert_resnet import psa_convert
+from .errors import EpsanetError
 from .layers import PSA, PSAGate, PyramidSqueezeAttention
-from .layers.fold_bn import optimize_for_inference
 from .models import (
     EPSANet,
     PSABottleneck,
@@ -14,13 +14,22 @@ from .models import (
     epsanet50_large,
     epsanet101,
     epsanet101_large,
+    model_names,
 )
+from .optimize import optimize_for_inference, optimize_for_training
 
 __version__ = '0.1.0'
 
-MODEL_NAMES = ('epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large')
+
+
+def __getattr__(name: str):
+    if name == 'MODEL_NAMES':  # read from the variant table each time (epsanet.models.variants.VARIANTS)
+        return model_names()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = [
-    'EPSANet', 'MODEL_NAMES', 'PSA', 'PSABottleneck', 'PSAGate', 'PyramidSqueezeAttention', 'checkpoint_filter_fn',
-    'epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large', 'optimize_for_inference', 'psa_convert',
+    'EPSANet', 'EpsanetError', 'MODEL_NAMES', 'PSA', 'PSABottleneck', 'PSAGate', 'PyramidSqueezeAttention',
+    'checkpoint_filter_fn', 'epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large',
+    'optimize_for_inference', 'optimize_for_training', 'psa_convert',
 ]

@@ -7,9 +7,8 @@ hits all of them alike; the reported time is the median over the repetitions.
 Candidates:
 
 * ``<model>``: ours, as ``timm.create_model(<model>)`` gives it; ``optimize=True`` adds the
-  documented one-line setting (:func:`optimized_for`): for inference
-  :func:`epsanet.layers.fold_bn.optimize_for_inference`, for training
-  ``model.to(memory_format=torch.channels_last)``;
+  documented one-line CPU setting (:func:`optimized_for`): :func:`epsanet.optimize_for_inference`
+  for inference, :func:`epsanet.optimize_for_training` for training;
 * ``reference``: :func:`epsanet.reference.create_reference`, the literal authors'-style network,
   holding the *same weights* (ours loads the reference's authors'-layout checkpoint through
   :func:`epsanet.models.epsanet.checkpoint_filter_fn`); for every inference setting the logits
@@ -98,14 +97,17 @@ class Row:
     peak_mem_mib: Optional[float] = None
 
 
-# (description, mode, memory format, candidate, compared with, kind, threshold)
+# (description, mode, compared with, kind, threshold). Ours: its NCHW row (NCHW input, with its one-line
+# setting under --optimize); the other model: its best memory format (the faster row); memory: NCHW rows.
 TARGETS = (
-    ('inference, NCHW, ours vs reference', 'infer', 'nchw', None, REFERENCE, 'speed', 2.0),
-    ('inference, channels_last, ours vs reference', 'infer', 'channels_last', None, REFERENCE, 'speed', 1.3),
-    ('training step, NCHW, ours vs reference', 'train', 'nchw', None, REFERENCE, 'speed', 2.0),
-    ('inference, channels_last, ours vs resnet50', 'infer', 'channels_last', None, 'resnet50', 'speed', 0.9),
-    ('peak training memory, NCHW, ours / reference', 'train', 'nchw', None, REFERENCE, 'memory', 0.9),
+    ('inference, ours vs reference (best format)', 'infer', REFERENCE, 'speed', 1.3),
+    ('inference, ours vs resnet50 (best format)', 'infer', 'resnet50', 'speed', 0.9),
+    ('training step, ours vs reference (best format)', 'train', REFERENCE, 'speed', 1.5),
+    ('training step, ours vs resnet50 (best format)', 'train', 'resnet50', 'speed', 0.9),
+    ('onnxruntime inference, ours vs resnet50', 'onnxruntime', 'resnet50', 'speed', 0.9),
+    ('peak training memory, ours / reference', 'train', REFERENCE, 'memory', 0.9),
 )
+ONNXRUNTIME = 'onnxruntime'
 
 
 @dataclass
@@ -128,7 +130,7 @@ class BenchmarkReport:
             f'### {self.model}: throughput (median of {self.config["reps"]} interleaved runs, '
             f'train: {self.config["train_reps"]})',
             '',
-            f'torch {env["torch"]}, timm {env["timm"]}, {env["threads"]} threads, {env["cpu"]}',
+            f'torch {env["torch"]}, timm {env["timm"]}, {env["threads"]} threads, {env["cpu"]} ({env.get("isa", "")})',
             '',
             '| candidate | mode | format | dtype | batch | img | img/s | latency ms | vs reference '
             '| CPU ms | vs reference (CPU time) | max abs diff logits |',
@@ -229,17 +231,14 @@ def build_candidates(
 
 
 def optimized_for(model: nn.Module, mode: str) -> nn.Module:
-    """Ours with the documented one-line setting of ``mode`` (the input may stay NCHW):
+    """Ours with the documented one-line CPU setting of ``mode`` (the input may stay NCHW):
+    ``epsanet.optimize_for_inference(model)`` for ``'infer'``, ``epsanet.optimize_for_training(model)``
+    for ``'train'`` (both store the weights channels_last and autotune the PSA branch convs)."""
+    from .optimize import optimize_for_inference, optimize_for_training
 
-    * ``'infer'``: ``epsanet.optimize_for_inference(model)`` (BatchNorm folded, weights
-      channels_last);
-    * ``'train'``: ``model.to(memory_format=torch.channels_last)``: the first conv then returns
-      channels_last and the whole network trains in it (faster on x86 CPUs).
-    """
     if mode == 'infer':
-        from .layers.fold_bn import optimize_for_inference
         return optimize_for_inference(model.eval())
-    return model.to(memory_format=torch.channels_last)
+    return optimize_for_training(model)
 
 
 def _in_setting_format(model: nn.Module, setting: Setting) -> nn.Module:
@@ -309,9 +308,15 @@ def time_setting(
         tick: Optional[Callable[[], None]] = None,
 ) -> List[Row]:
     """Time every candidate in ``setting``, interleaved, and return one row per candidate."""
-    names = list(candidates)
     steps = {n: _make_step(m, setting, compiled, seed)[0] for n, m in candidates.items()}
-    for _ in range(warmup + (1 if compiled else 0)):
+    return _time_steps(steps, setting, reps, warmup + (1 if compiled else 0), compiled, tick)
+
+
+def _time_steps(steps: Dict[str, Callable[[], Any]], setting: Setting, reps: int, warmup: int = 1,
+                compiled: bool = False, tick: Optional[Callable[[], None]] = None) -> List[Row]:
+    """Run each step ``warmup`` times, then ``reps`` times interleaved in a rotating order; one row each."""
+    names = list(steps)
+    for _ in range(warmup):
         for n in names:
             steps[n]()
     times: Dict[str, List[float]] = {n: [] for n in names}
@@ -425,7 +430,20 @@ def _environment() -> Dict[str, Any]:
     except OSError:
         pass
     return dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-                threads=torch.get_num_threads(), cpu=cpu, cores=os.cpu_count())
+                threads=torch.get_num_threads(), cpu=cpu, cores=os.cpu_count(), isa=_cpu_isa())
+
+
+def _cpu_isa() -> str:
+    """The ISA PyTorch's CPU kernels use, and the x86 vector extensions the CPU has (from /proc/cpuinfo)."""
+    flags: List[str] = []
+    try:
+        with open('/proc/cpuinfo') as f:
+            line = next((ln for ln in f if ln.startswith('flags')), '')
+        have = set(line.split(':', 1)[-1].split())
+        flags = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile') if f in have]
+    except OSError:
+        pass
+    return f'torch kernels {torch.backends.cpu.get_cpu_capability()}; CPU flags {" ".join(flags) or "unknown"}'
 
 
 def _pick(pool: List[Row], name: str, mode: str, fmt: str, main: Optional[Setting]) -> Optional[Row]:
@@ -439,24 +457,59 @@ def _pick(pool: List[Row], name: str, mode: str, fmt: str, main: Optional[Settin
     return None
 
 
+def _best(pool: List[Row], name: str, mode: str, main: Setting) -> Optional[Row]:
+    """``name``'s fastest fp32 row in ``mode`` at ``main``'s batch and size, over memory formats."""
+    rows = [r for r in pool if r.candidate == name and not r.compiled and r.setting.mode == mode
+            and r.setting.dtype == 'fp32' and (r.setting.batch_size, r.setting.img_size) == (main.batch_size,
+                                                                                            main.img_size)]
+    return max(rows, key=lambda r: r.img_per_s, default=None)
+
+
 def _evaluate_targets(model_name: str, rows: List[Row], memory_rows: List[Row], main: Setting) -> List[Dict]:
     out = []
-    for desc, mode, fmt, cand, other, kind, threshold in TARGETS:
-        pool, at = (memory_rows, None) if kind == 'memory' else (rows, main)
-        a, b = _pick(pool, cand or model_name, mode, fmt, at), _pick(pool, other, mode, fmt, at)
-        if a is None or b is None:
-            continue
+    for desc, mode, other, kind, threshold in TARGETS:
         cpu_measured = None
         if kind == 'memory':
+            a, b = _pick(memory_rows, model_name, mode, 'nchw', None), _pick(memory_rows, other, mode, 'nchw', None)
+            if a is None or b is None:
+                continue
             measured = a.peak_mem_mib / b.peak_mem_mib if b.peak_mem_mib else None
             met = None if measured is None else measured <= threshold
         else:
+            a, b = _pick(rows, model_name, mode, 'nchw', main), _best(rows, other, mode, main)
+            if a is None or b is None:
+                continue
             measured = a.img_per_s / b.img_per_s
             met = measured >= threshold
-            cpu_measured = b.cpu_ms / a.cpu_ms if a.cpu_ms else None
-        out.append(dict(description=desc, setting=a.setting.label(), kind=kind, threshold=threshold,
-                        measured=measured, met=met, cpu_measured=cpu_measured))
+            cpu_measured = b.cpu_ms / a.cpu_ms if a.cpu_ms and b.cpu_ms else None
+        out.append(dict(description=desc, setting=f'{a.setting.label()} vs {b.candidate} {b.setting.memory_format}',
+                        kind=kind, threshold=threshold, measured=measured, met=met, cpu_measured=cpu_measured))
     return out
+
+
+def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: int, threads: int,
+                     tick: Optional[Callable[[], None]] = None) -> List[Row]:
+    """Export each candidate with ``epsanet export``'s ONNX writer (checked against PyTorch) and time
+    onnxruntime's CPU session on it, interleaved; rows have mode ``onnxruntime``."""
+    import onnxruntime as ort
+
+    from .export import export_model
+
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in candidates.items():
+            path = os.path.join(tmp, f'{name}.onnx')
+            export_model(model.eval(), path, format='onnx', batch_size=setting.batch_size,
+                         input_size=(3, setting.img_size, setting.img_size), check=True)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            sessions[name] = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+    x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size,
+                    generator=torch.Generator().manual_seed(0)).numpy()
+    steps = {n: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for n, s in sessions.items()}
+    ort_setting = Setting(ONNXRUNTIME, setting.batch_size, setting.img_size, 'nchw', 'fp32')
+    return _time_steps(steps, ort_setting, reps, warmup=1, tick=tick)
 
 
 def run_benchmark(
@@ -476,6 +529,7 @@ def run_benchmark(
         memory_batch_size: int = 16,
         memory_modes: Sequence[str] = ('train',),
         optimize: bool = False,
+        runtimes: Sequence[str] = ('torch', ONNXRUNTIME),
         tol: float = 1e-4,
         seed: int = 0,
         progress: bool = True,
@@ -488,7 +542,9 @@ def run_benchmark(
     in ``img_sweep``. ``compile=True`` measures the ``torch.compile``'d candidates as well (slow
     to warm up). Peak memory is measured for every candidate in ``memory_modes``, training at
     ``memory_batch_size`` and inference at ``batch_size``, first memory format, fp32; each
-    measurement starts a fresh process (a few seconds each).
+    measurement starts a fresh process (a few seconds each). ``runtimes`` with ``'onnxruntime'`` adds
+    inference rows (mode ``onnxruntime``) of every candidate exported to ONNX and run by onnxruntime's
+    CPU session at ``batch_size`` and ``img_size``.
     """
     from tqdm import tqdm
 
@@ -498,6 +554,9 @@ def run_benchmark(
         bad = [v for v in values if v not in allowed]
         if bad or (not values and what != 'memory mode'):
             raise ValueError(f'Unknown or missing {what} {bad}: choose from {", ".join(allowed)}.')
+    bad_runtimes = [r for r in runtimes if r not in ('torch', ONNXRUNTIME)]
+    if bad_runtimes:
+        raise ValueError(f'Unknown runtime {bad_runtimes}: choose from torch, {ONNXRUNTIME}.')
     for n in (batch_size, img_size, reps, train_reps, memory_batch_size, *batch_sweep, *img_sweep):
         if int(n) < 1:
             raise ValueError(f'Batch sizes, image sizes and repetition counts must be >= 1, got {n}.')
@@ -513,8 +572,8 @@ def run_benchmark(
     sweep = [Setting('infer', b, img_size, memory_formats[0], 'fp32') for b in batch_sweep if b != batch_size]
     sweep += [Setting('infer', batch_size, s, memory_formats[0], 'fp32') for s in img_sweep if s != img_size]
     sweep_candidates = {k: infer_candidates[k] for k in (model_name, REFERENCE)}
-    plan = [(s, infer_candidates if s.mode == 'infer' else candidates) for s in main]
-    plan += [(s, sweep_candidates) for s in sweep]
+    plan = [(s, infer_candidates if s.mode == 'infer' else candidates) for s in main] if 'torch' in runtimes else []
+    plan += [(s, sweep_candidates) for s in sweep] if 'torch' in runtimes else []
     compiled_flags = (False, True) if compile else (False,)
     total = sum(len(c) * (reps if s.mode == 'infer' else train_reps) for s, c in plan) * len(compiled_flags)
 
@@ -535,6 +594,15 @@ def run_benchmark(
                     if r.candidate == model_name:
                         r.max_abs_diff = diff
                 rows += new
+
+    if ONNXRUNTIME in runtimes:
+        plain = build_candidates(model_name, baselines, seed=seed)
+        if optimize:  # ours as `epsanet export --format onnx` writes it: branch forms timed in onnxruntime
+            from .optimize.onnx_forms import optimize_for_onnxruntime
+            plain[model_name] = optimize_for_onnxruntime(plain[model_name], (3, img_size, img_size), batch_size)
+        with tqdm(total=len(plain) * reps, desc='onnxruntime', disable=not progress, unit='step') as bar:
+            rows += time_onnxruntime(plain, Setting('infer', batch_size, img_size), reps, torch.get_num_threads(),
+                                     tick=bar.update)
 
     memory_rows: List[Row] = []
     if measure_memory:
@@ -558,15 +626,15 @@ def run_benchmark(
                   memory_formats=list(memory_formats), dtypes=list(dtypes), baselines=list(baselines),
                   batch_sweep=list(batch_sweep), img_sweep=list(img_sweep), compile=compile, reps=reps,
                   train_reps=train_reps, measure_memory=measure_memory, memory_batch_size=memory_batch_size,
-                  memory_modes=list(memory_modes),
+                  memory_modes=list(memory_modes), runtimes=list(runtimes),
                   optimize=optimize, tol=tol, seed=seed)
     targets = _evaluate_targets(model_name, rows, memory_rows, Setting('infer', batch_size, img_size))
     notes = []
     if optimize:
-        notes.append(f'{model_name} runs with its one-line setting: inference after '
-                     '`epsanet.optimize_for_inference(model)` (BatchNorm folded, weights channels_last), training '
-                     'after `model.to(memory_format=torch.channels_last)`. The format column is the input\'s; in '
-                     'NCHW rows the other models run as created.')
+        notes.append(f'{model_name} runs with its one-line CPU setting: inference after '
+                     '`epsanet.optimize_for_inference(model)`, training after `epsanet.optimize_for_training(model)` '
+                     '(both autotune the PSA branch convs on this CPU and store the weights channels_last). The '
+                     'format column is the input\'s; in NCHW rows the other models run as created.')
     return BenchmarkReport(model_name, rows, memory_rows, targets, config, _environment(), logits_ok, notes)
 
 

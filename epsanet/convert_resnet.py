@@ -37,7 +37,7 @@ def psa_convert(
     Args:
         model: a timm (or torchvision) ResNet-family model built from ``Bottleneck`` blocks.
         kernel_sizes, groups, split_input, rd_ratio: the PSA configuration; the defaults are
-            EPSANet Small's (:data:`epsanet.models.epsanet.SMALL_PSA`). The conv's own groups
+            EPSANet Small's (:data:`epsanet.models.variants.SMALL_PSA`). The conv's own groups
             (e.g. ResNeXt's cardinality) are replaced by ``groups``.
         stages: only convert blocks of these stages (``layer1``..``layer4`` -> 1..4); all by default.
 

@@ -21,13 +21,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .errors import EpsanetError
+
 __all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'load_exported']
 
 # format -> default file extension
 FORMATS: Dict[str, str] = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2'}
 
 
-class ExportError(RuntimeError):
+class ExportError(EpsanetError, RuntimeError):
     """The model could not be exported, or the exported file disagrees with PyTorch."""
 
 

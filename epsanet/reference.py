@@ -10,7 +10,7 @@ authors' checkpoint loads into it with plain ``load_state_dict`` after removing 
 Do not optimise this file: its value is that it is obviously the spec.
 """
 import math
-from typing import List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -95,15 +95,15 @@ class ReferenceBlock(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module = None,
-                 large: bool = False):
+                 width_factor: int = 1, psa: Optional[Dict[str, Any]] = None):
         super().__init__()
-        width = planes * 2 if large else planes
+        psa = psa or {}
+        width = planes * width_factor
         self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        if large:
-            self.conv2 = ReferencePSA(width, width, stride=stride, conv_groups=(4, 8, 16, 16), split_input=True)
-        else:
-            self.conv2 = ReferencePSA(width, width, stride=stride)
+        self.conv2 = ReferencePSA(width, width, stride=stride, conv_kernels=psa.get('kernel_sizes', (3, 5, 7, 9)),
+                                  conv_groups=psa.get('groups', (1, 4, 8, 16)),
+                                  split_input=psa.get('split_input', False))
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -124,10 +124,12 @@ class ReferenceBlock(nn.Module):
 class ReferenceEPSANet(nn.Module):
     """The authors' network layout: ``conv1, bn1, layer1..4, fc`` with their init."""
 
-    def __init__(self, layers: Sequence[int], num_classes: int = 1000, large: bool = False):
+    def __init__(self, layers: Sequence[int], num_classes: int = 1000, width_factor: int = 1,
+                 psa: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.inplanes = 64
-        self.large = large
+        self.width_factor = width_factor
+        self.psa = psa
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -153,10 +155,11 @@ class ReferenceEPSANet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * ReferenceBlock.expansion, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(planes * ReferenceBlock.expansion),
             )
-        layers = [ReferenceBlock(self.inplanes, planes, stride, downsample, large=self.large)]
+        block_args = dict(width_factor=self.width_factor, psa=self.psa)
+        layers = [ReferenceBlock(self.inplanes, planes, stride, downsample, **block_args)]
         self.inplanes = planes * ReferenceBlock.expansion
         for _ in range(1, blocks):
-            layers.append(ReferenceBlock(self.inplanes, planes, large=self.large))
+            layers.append(ReferenceBlock(self.inplanes, planes, **block_args))
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,19 +169,13 @@ class ReferenceEPSANet(nn.Module):
         return self.fc(x)
 
 
-REFERENCE_ARCHS = {
-    'epsanet50': dict(layers=(3, 4, 6, 3), large=False),
-    'epsanet50_large': dict(layers=(3, 4, 6, 3), large=True),
-    'epsanet101': dict(layers=(3, 4, 23, 3), large=False),
-    'epsanet101_large': dict(layers=(3, 4, 23, 3), large=True),
-}
-
-
 def create_reference(name: str, num_classes: int = 1000) -> ReferenceEPSANet:
-    """The reference network for one of ``epsanet.MODEL_NAMES``."""
-    if name not in REFERENCE_ARCHS:
-        raise ValueError(f'No reference network for {name!r}; choose one of {sorted(REFERENCE_ARCHS)}.')
-    return ReferenceEPSANet(num_classes=num_classes, **REFERENCE_ARCHS[name])
+    """The reference network for a variant of :data:`epsanet.models.variants.VARIANTS` (its blocks, width
+    and PSA configuration)."""
+    from .models.variants import get_variant
+
+    v = get_variant(name)
+    return ReferenceEPSANet(v.layers, num_classes=num_classes, width_factor=v.width_factor, psa=dict(v.psa))
 
 
 def authors_checkpoint(model: ReferenceEPSANet, arch: str = 'epsanet50', epoch: int = 120) -> dict:

@@ -32,16 +32,19 @@ def test_run_benchmark_tiny(tmp_path):
     for name in ('epsanet50', REFERENCE, 'resnet18'):
         assert {(name, 'infer', 2), (name, 'train', 2)} <= cands
     assert ('epsanet50', 'infer', 1) in cands and (REFERENCE, 'infer', 1) in cands  # batch sweep
+    for name in ('epsanet50', REFERENCE, 'resnet18'):  # onnxruntime rows: the exported plain models
+        assert (name, 'onnxruntime', 2) in cands
     for r in report.rows:
-        assert len(r.times_ms) == (2 if r.setting.mode == 'infer' else 1)
+        assert len(r.times_ms) == (1 if r.setting.mode == 'train' else 2)
         assert r.img_per_s > 0 and r.median_ms > 0
         assert r.vs_reference is not None
     ours = [r for r in report.rows if r.candidate == 'epsanet50' and r.setting.mode == 'infer']
     assert all(r.max_abs_diff is not None and r.max_abs_diff < 1e-4 for r in ours)
     assert report.logits_ok is True
     descriptions = [t['description'] for t in report.targets]
-    assert 'inference, NCHW, ours vs reference' in descriptions
-    assert 'training step, NCHW, ours vs reference' in descriptions
+    assert 'inference, ours vs reference (best format)' in descriptions
+    assert 'training step, ours vs reference (best format)' in descriptions
+    assert 'torch kernels' in report.environment['isa']
 
     report.save(json_path=str(tmp_path / 'b.json'), markdown_path=str(tmp_path / 'b.md'))
     data = json.loads((tmp_path / 'b.json').read_text())
@@ -57,7 +60,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     out_json, out_md = tmp_path / 'sub' / 'r.json', tmp_path / 'r.md'
     rc = main(['benchmark', '--model', 'epsanet50_large', '--batch-size', '1', '--img-size', '32',
                '--modes', 'infer', '--formats', 'channels_last', '--dtypes', 'bf16', '--baselines',
-               '--batch-sweep', '--img-sweep', '--reps', '1', '--no-memory', '--no-progress',
+               '--batch-sweep', '--img-sweep', '--reps', '1', '--no-memory', '--no-progress', '--runtime', 'torch',
                '--json', str(out_json), '--markdown', str(out_md)])
     assert rc == 0
     data = json.loads(out_json.read_text())
@@ -95,6 +98,7 @@ def test_input_format_settings_and_one_line_settings():
     (dict(modes=('fly',)), 'mode'),
     (dict(img_size=16), 'at least 32'),
     (dict(reps=0), '>= 1'),
+    (dict(runtimes=('tvm',)), 'Unknown runtime'),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

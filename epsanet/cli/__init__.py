@@ -16,9 +16,10 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
+from ..errors import EpsanetError
 
 
-class CLIError(Exception):
+class CLIError(EpsanetError):
     """An error caused by the user's input: printed as one clear line, no traceback."""
 
 

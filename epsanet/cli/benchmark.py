@@ -25,10 +25,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory probes')
     p.add_argument('--memory-batch-size', type=int, default=16)
     p.add_argument('--memory-modes', nargs='*', default=['train'], choices=['infer', 'train'])
-    p.add_argument('--optimize', action='store_true',
-                   help='give ours its documented one-line setting: inference after '
-                        'epsanet.optimize_for_inference(model), training after '
-                        'model.to(memory_format=torch.channels_last)')
+    p.add_argument('--optimize', action=argparse.BooleanOptionalAction, default=True,
+                   help='give ours its documented one-line CPU setting: epsanet.optimize_for_inference(model) '
+                        'for inference, epsanet.optimize_for_training(model) for training (default; '
+                        '--no-optimize measures the plain model)')
+    p.add_argument('--runtime', nargs='+', default=['torch', 'onnxruntime'], choices=['torch', 'onnxruntime'],
+                   help='torch: eager PyTorch rows; onnxruntime: inference of the models exported to ONNX')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     p.add_argument('--json', default='benchmark.json', help='JSON output path (default: benchmark.json)')
     p.add_argument('--markdown', default=None, help='also write the markdown table to this path')
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             memory_formats=args.formats, dtypes=args.dtypes, baselines=args.baselines,
             batch_sweep=args.batch_sweep, img_sweep=args.img_sweep, compile=args.compile, reps=args.reps,
             train_reps=args.train_reps, measure_memory=not args.no_memory, memory_batch_size=args.memory_batch_size,
-            memory_modes=args.memory_modes, optimize=args.optimize, progress=not args.no_progress)
+            memory_modes=args.memory_modes, optimize=args.optimize, runtimes=args.runtime,
+            progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(report.to_markdown())

@@ -22,12 +22,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--data', default=None, help='training data, e.g. "ImageNet-1k train" (provenance)')
     parser.add_argument('--metrics', default=None, metavar='JSON',
                         help='results file of `epsanet validate --results-file` (top1, top5, img_size, ...)')
+    parser.add_argument('--label-names', default=None, metavar='FILE',
+                        help='class names, one per line in classifier order (default: the classes an '
+                             '"epsanet train" checkpoint records)')
     parser.add_argument('--overwrite', action='store_true', help='replace the files of an existing OUT_DIR')
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights.convert import convert
+    from ..weights.convert import convert, read_label_names
     from ..weights.loading import WeightsError
     from . import CLIError
 
@@ -42,12 +45,15 @@ def run(args: argparse.Namespace) -> int:
     provenance = {k: v for k, v in (('trained_by', args.trained_by), ('recipe', args.recipe),
                                     ('data', args.data)) if v}
     try:
+        names = read_label_names(args.label_names) if args.label_names else None
         result = convert(args.src, args.out_dir, args.model, tag=args.tag, license=args.license,
-                         provenance=provenance, metrics=metrics, overwrite=args.overwrite)
+                         provenance=provenance, metrics=metrics, overwrite=args.overwrite, label_names=names)
     except (WeightsError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     print(f'{result.out_dir}: {result.model}, {result.num_classes} classes, {result.params:,} params, '
           f'{result.gflops:.2f} GFLOPs')
+    print('class names: ' + (', '.join(result.label_names[:10]) + (', ...' if len(result.label_names) > 10 else '')
+                             if result.label_names else 'none (labels will be indices; see --label-names)'))
     print(f'model.safetensors sha256 {result.sha256} ({result.file_size:,} bytes)')
     print(f'reloaded with timm: logits match the source (max |diff| {result.max_abs_diff:.2e})')
     print(f'publish with: epsanet push {result.out_dir} <org>/<repo>')

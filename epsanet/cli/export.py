@@ -30,6 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         '--method', choices=('trace', 'script'), default='trace', help='TorchScript method (default: trace)')
     parser.add_argument('--atol', type=float, default=1e-4, help='max |difference| allowed by the check')
     parser.add_argument('--no-check', action='store_true', help='skip reloading and comparing the file')
+    parser.add_argument(
+        '--onnx-forms', choices=('auto', 'plain'), default='auto',
+        help='ONNX: auto (default) writes each PSA branch conv in the form onnxruntime runs fastest on this CPU '
+             '(grouped or depthwise convs plus sums, timed at export); plain writes the grouped convs')
     return parser
 
 
@@ -56,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         if 'size mismatch' in str(e):
             raise CLIError(f'the weights do not fit {args.model}: {e}\nIs --num-classes the checkpoint\'s?') from e
         raise
+    if args.format == 'onnx' and args.onnx_forms == 'auto':
+        from ..optimize.onnx_forms import optimize_for_onnxruntime
+        model = optimize_for_onnxruntime(model, input_size=(args.in_chans, args.img_size, args.img_size),
+                                         batch_size=args.batch_size)
     try:
         result = export_model(
             model, output, args.format, input_size=(args.in_chans, args.img_size, args.img_size),

@@ -27,8 +27,12 @@ def run(args: argparse.Namespace) -> int:
         results = validate(config_from_args(ValidateConfig, args))
     except (DataError, TrainError) as e:
         raise CLIError(str(e)) from e
-    print(f'top-1 {results["top1"]:.2f}%  top-5 {results["top5"]:.2f}%  loss {results["loss"]:.4f}  '
-          f'{results["img_per_sec"]:.1f} img/s  ({results["count"]} images at {results["img_size"]} px)')
+    print(f'top-1 {results["top1"]:.2f}% ({results["correct"]}/{results["count"]})  top-5 {results["top5"]:.2f}%  '
+          f'loss {results["loss"]:.4f}  {results["img_per_sec"]:.1f} img/s  ({results["count"]} images at '
+          f'{results["img_size"]} px)')
+    if results['skipped_unreadable']:
+        print(f'{results["skipped_unreadable"]} unreadable images skipped, not counted: '
+              + ', '.join(results['skipped_files']))
     if 'per_class' in results:
         print(json.dumps(results['per_class'], indent=1))
     return 0

@@ -16,11 +16,12 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from ..errors import EpsanetError
 from .image import UNREADABLE_ERRORS, load_image
 
 __all__ = [
     'DataError', 'UnreadableImageError', 'ImageFiles', 'ImageFolder', 'find_images', 'split_dir', 'check_same_classes',
-    'verify_files', 'unreadable_error',
+    'verify_files', 'unreadable_error', 'unreadable_target', 'skipped_index',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -28,12 +29,26 @@ _logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
-class DataError(ValueError):
+class DataError(EpsanetError, ValueError):
     """The data on disk is not usable as given; the message says what to change."""
 
 
 class UnreadableImageError(DataError):
     """An image file could not be decoded (raised with ``strict=True``)."""
+
+
+def unreadable_target(index: int) -> int:
+    """The target a sample gets when its image cannot be read: ``-1 - index`` (always negative).
+
+    Evaluation, prediction and extraction drop such samples from every metric and output and
+    recover the index with :func:`skipped_index` to name the file.
+    """
+    return -1 - int(index)
+
+
+def skipped_index(target: int) -> int:
+    """The sample index encoded in an :func:`unreadable_target`."""
+    return -1 - int(target)
 
 
 def is_image_file(path: PathLike) -> bool:
@@ -91,6 +106,28 @@ def _scan_classes(root: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
     return classes, samples
 
 
+def _apply_class_map(root: Path, classes: List[str], samples: List[Tuple[str, int]],
+                     class_map: Union[str, dict]) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """Re-index ``samples`` with timm's class map; every class folder must be in the map."""
+    from timm.data.readers.class_map import load_class_map
+
+    try:
+        mapping = load_class_map(class_map, root=str(root))
+    except (AssertionError, OSError, ValueError) as e:
+        raise DataError(f'cannot read the class map {class_map}: {e}. A class map is a text file with one class '
+                        'name per line (line i = class index i).') from e
+    missing = [c for c in classes if c not in mapping]
+    if missing:
+        raise DataError(f'the class folders {", ".join(missing[:10])} of {root} are not in the class map {class_map}; '
+                        'add them to the map or remove the folders.')
+    new_classes = [None] * (max(mapping.values()) + 1)
+    for name, i in mapping.items():
+        new_classes[i] = name
+    if any(c is None for c in new_classes):
+        raise DataError(f'the class map {class_map} leaves class indices unused; number the classes 0..N-1.')
+    return new_classes, [(p, mapping[classes[t]]) for p, t in samples]
+
+
 def unreadable_error(bad: Sequence[Tuple[str, str]], where: PathLike) -> UnreadableImageError:
     """The ``--strict`` error listing unreadable files (``bad`` from :func:`verify_files`)."""
     listing = '\n'.join(f'  {p}: {reason}' for p, reason in bad[:20])
@@ -118,17 +155,25 @@ def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str],
 class ImageFolder(Dataset):
     """``root/<class>/<image>`` as (image, class index) samples, classes in sorted folder order.
 
-    Unreadable files: with ``strict=False`` the sample is replaced by the next readable one, the
-    path is logged once per process and :attr:`num_skipped` counts every skip (shared across
-    DataLoader worker processes); with ``strict=True`` an :class:`UnreadableImageError` is raised.
+    Unreadable files: with ``strict=False`` the path is logged once per process and
+    :attr:`num_skipped` counts every skip (shared across DataLoader worker processes); the sample is
+    replaced by the next readable one (training), or with ``mark_unreadable=True`` it comes back as
+    a blank image with the target :func:`unreadable_target` so that evaluation can leave it out of
+    every metric. With ``strict=True`` an :class:`UnreadableImageError` is raised.
+    ``class_map``: timm's class map (a text file with one class name per line, or a dict name ->
+    index) to fix the class order; by default classes are the sorted folder names.
     ``transform`` is set by timm's ``create_loader``.
     """
 
-    def __init__(self, root: PathLike, transform: Optional[Callable] = None, strict: bool = False):
+    def __init__(self, root: PathLike, transform: Optional[Callable] = None, strict: bool = False,
+                 mark_unreadable: bool = False, class_map: Union[str, dict, None] = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f'{self.root} does not exist or is not a folder.')
         self.classes, self.samples = _scan_classes(self.root)
+        if class_map:
+            self.classes, self.samples = _apply_class_map(self.root, self.classes, self.samples, class_map)
+        self.mark_unreadable = mark_unreadable
         self.targets = [t for _, t in self.samples]
         self.transform = transform
         self.strict = strict
@@ -158,7 +203,10 @@ class ImageFolder(Dataset):
                 self._logged.add(path)
                 with self._skipped.get_lock():
                     self._skipped.value += 1
-                continue
+                if self.mark_unreadable:
+                    img, target = Image.new('RGB', (32, 32)), unreadable_target(index)
+                else:
+                    continue
             if self.transform is not None:
                 img = self.transform(img)
             return img, target
@@ -185,7 +233,8 @@ class ImageFiles(Dataset):
     """A flat list of image files as ``(image, index)`` samples, for feature extraction.
 
     Unlike :class:`ImageFolder`, an unreadable file is not replaced by another image: its sample
-    comes back with index ``-1`` (and a blank image) so the caller can drop it and its path.
+    comes back with the negative index :func:`unreadable_target` (and a blank image) so the caller
+    can drop it and name its path.
     """
 
     def __init__(self, paths: Sequence[PathLike], transform: Optional[Callable] = None, strict: bool = False):
@@ -200,7 +249,7 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         img = _load_or_skip(path, self.strict)
         if img is None:
-            img, index = Image.new('RGB', (32, 32)), -1
+            img, index = Image.new('RGB', (32, 32)), unreadable_target(index)
         return (self.transform(img) if self.transform is not None else img), index
 
 

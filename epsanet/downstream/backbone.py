@@ -16,6 +16,8 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
+from ..weights.loading import weights_overlay
+
 __all__ = ['Weights', 'pretrained_overlay', 'create_backbone', 'epsanet_fpn_backbone', 'freeze_stages']
 
 Weights = Union[None, bool, str, os.PathLike, Mapping[str, torch.Tensor]]
@@ -25,29 +27,8 @@ _STAGES = ('conv1', 'layer1', 'layer2', 'layer3', 'layer4')
 
 
 def pretrained_overlay(weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> Dict[str, Any]:
-    """timm ``pretrained_cfg_overlay`` that points the weight source at ``weights``.
-
-    ``weights`` is a local file (.safetensors, .pth, .pth.tar, .bin, read by timm without
-    unpickling code), an ``http(s)://`` URL, an ``hf-hub:org/name`` Hub id, or an in-memory state
-    dict. Every other weight source of the model's default config is cleared, so the one given
-    here is the one timm loads.
-    """
-    cleared = dict(url=None, file=None, state_dict=None, hf_hub_id=None, hf_hub_filename=None, source=None)
-    if isinstance(weights, Mapping):
-        return {**cleared, 'state_dict': dict(weights)}
-    src = os.fspath(weights)
-    if src.startswith('hf-hub:'):
-        hub_id = src[len('hf-hub:'):]
-        if hub_id.count('/') != 1:
-            raise ValueError(f'Hub weights must be given as "hf-hub:organization/name", got {src!r}.')
-        return {**cleared, 'hf_hub_id': hub_id, 'source': 'hf-hub'}
-    if src.startswith(('http://', 'https://')):
-        return {**cleared, 'url': src}
-    if os.path.isfile(src):
-        return {**cleared, 'file': os.path.abspath(src)}
-    raise FileNotFoundError(
-        f'Weights {src!r} are neither an existing file, an http(s):// URL nor an "hf-hub:org/name" '
-        'Hub id. Pass one of these (or weights=True for the model\'s registered pretrained tag).')
+    """timm ``pretrained_cfg_overlay`` for ``weights``: :func:`epsanet.weights.loading.weights_overlay`."""
+    return weights_overlay(weights)
 
 
 def create_backbone(model_name: str = 'epsanet50', weights: Weights = None, **kwargs: Any) -> nn.Module:

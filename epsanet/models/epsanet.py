@@ -1,15 +1,11 @@
 """EPSANet: ResNet with Pyramid Squeeze Attention bottlenecks.
 
-EPSANet is timm's ResNet (7x7 stem, max pool, four stages, avg pool + linear head) whose
-bottleneck 3x3 conv is a PSA layer. Everything but the block and a memory-saving stem in training
-(:class:`EPSANet`) comes from timm's ``ResNet``, so the whole timm model contract (features,
-intermediates, checkpointing, ...) holds.
-
-* Small (``epsanet50``, ``epsanet101``): bottleneck width = planes, PSA branches see the whole
-  input, groups (1, 4, 8, 16): the authors' published code.
-* Large (``epsanet50_large``, ``epsanet101_large``): bottleneck width = 2 x planes, split-input
-  PSA with groups (4, 8, 16, 16): the only buildable form with kernels (3, 5, 7, 9) that
-  reproduces the paper's parameter and FLOP counts (the authors released no Large code).
+An EPSANet is timm's ``ResNet`` (7x7 stem, max pool, four stages, avg pool + linear head) built of
+:class:`PSABottleneck` blocks, whose 3x3 conv is a PSA layer. The class *is* ``ResNet``: the whole timm
+model contract (features, intermediates, checkpointing, classifier reset, ...) holds, and every module
+that holds parameters is called in the forward pass. The variants (depth, width, PSA configuration)
+are the table in :mod:`epsanet.models.variants`. CPU speed-ups are explicit transforms
+(:func:`epsanet.optimize_for_inference`, :func:`epsanet.optimize_for_training`), not part of the model.
 
 Paper: "EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network",
 Zhang et al., ACCV 2022, https://arxiv.org/abs/2105.14447
@@ -23,20 +19,19 @@ from typing import Any, Dict, Optional, Type
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_aa
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 from torch import nn
 
 from ..layers.psa import PyramidSqueezeAttention
-from ..layers.recomputed_stem import recomputed_stem, supports_recomputed_stem
-from ..weights.registry import registry_cfgs
+from .variants import SMALL_PSA, VARIANTS
 
-__all__ = ['EPSANet', 'PSABottleneck', 'checkpoint_filter_fn', 'SMALL_PSA', 'LARGE_PSA']
+__all__ = ['EPSANet', 'PSABottleneck', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
 
-SMALL_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(1, 4, 8, 16), split_input=False)
-LARGE_PSA = dict(kernel_sizes=(3, 5, 7, 9), groups=(4, 8, 16, 16), split_input=True)
+EPSANet = ResNet
+"""The class of every EPSANet model: timm's ``ResNet`` (of :class:`PSABottleneck` blocks)."""
 
 
 class PSABottleneck(nn.Module):
@@ -86,10 +81,8 @@ class PSABottleneck(nn.Module):
         self.bn1 = norm_layer(first_planes, **dd)
         self.act1 = act_layer(inplace=True)
 
-        # bn2 keeps the PSA output for its backward: the PSA can save that instead of its features
         self.conv2 = PyramidSqueezeAttention(
-            first_planes, width, stride=1 if use_aa else stride, dilation=first_dilation,
-            **{'save_output_for_backward': True, **psa_kwargs}, **dd)
+            first_planes, width, stride=1 if use_aa else stride, dilation=first_dilation, **psa_kwargs, **dd)
         self.bn2 = norm_layer(width, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.act2 = act_layer(inplace=True)
@@ -117,40 +110,6 @@ class PSABottleneck(nn.Module):
             shortcut = self.downsample(shortcut)
         x += shortcut
         return self.act3(x)
-
-
-class EPSANet(ResNet):
-    """timm's ``ResNet`` of :class:`PSABottleneck` blocks whose stem saves training memory.
-
-    In a training forward pass with autograd (not under autocast, TorchScript, torch.fx, tracing or
-    torch.compile), the stem (``conv1``, ``bn1``, ``act1``, ``maxpool``) runs as
-    :func:`~epsanet.layers.recomputed_stem.recomputed_stem`: same results, about 120 MiB less memory
-    at batch 16 and 224 px, the stem's forward run again in the backward pass.
-    ``timm.create_model(..., recompute_stem=False)`` turns that off. Everything else is ``ResNet``'s.
-    """
-
-    def __init__(self, *args, recompute_stem: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.recompute_stem = recompute_stem
-
-    def _stem_is_recomputed(self, x: torch.Tensor) -> bool:
-        # not while torch.fx (x is a Proxy), torch.jit.trace or torch.compile records the model
-        return (self.recompute_stem and self.training and torch.is_grad_enabled() and isinstance(x, torch.Tensor)
-                and not torch.is_autocast_enabled(x.device.type) and not torch.jit.is_tracing()
-                and not torch.compiler.is_compiling()
-                and supports_recomputed_stem(self.conv1, self.bn1, self.act1, self.maxpool))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if self._stem_is_recomputed(x):
-                return self.forward_stages(recomputed_stem(x, self.conv1, self.bn1, self.act1, self.maxpool))
-        return self.forward_stages(self.maxpool(self.act1(self.bn1(self.conv1(x)))))
-
-    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
-        """``layer1`` to ``layer4`` (with gradient checkpointing when it is set), as ``ResNet`` runs them."""
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 _AUTHOR_BRANCH_KEY = re.compile(r'\.conv2\.conv_(\d+)\.')
@@ -225,11 +184,13 @@ def _check_fits(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Ten
             + 'Create the model the checkpoint was trained as, e.g. timm.create_model("epsanet50_large", ...).')
 
 
-def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> EPSANet:
-    """Build through timm. With ``pretrained=True`` the weights are fetched, verified and read safely by
+def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
+    """Build ``variant`` (a row of :data:`~epsanet.models.variants.VARIANTS`) through timm. With
+    ``pretrained=True`` the weights are fetched, verified and read safely by
     :func:`epsanet.weights.loading.build_pretrained`, which raises a clear error (with the three ways to
     give weights: file, URL, Hub id) when none are registered or given."""
-    build = partial(build_model_with_cfg, EPSANet, variant, pretrained_filter_fn=checkpoint_filter_fn)
+    kwargs = {**VARIANTS[variant].model_args(), 'block': PSABottleneck, **kwargs}
+    build = partial(build_model_with_cfg, ResNet, variant, pretrained_filter_fn=checkpoint_filter_fn)
     if pretrained:
         from ..weights.loading import build_pretrained
         return build_pretrained(build, variant, **kwargs)
@@ -250,48 +211,35 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-# Registered weights (weights/registry.json) come first, so that a model's first registered tag is its
-# default; `.untrained` is the tag of models with none (the authors never released ImageNet weights).
+# Pretrained weights are plain timm cfgs (``hf_hub_id`` or ``url``), listed here as in any timm model file,
+# a model's first tag being its default; ``weights/registry.json`` holds each file's sha256, size,
+# provenance and metrics. The authors never released ImageNet weights and nobody has published any
+# yet, so every model has only the ``.untrained`` tag.
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg(**cfg) for name, cfg in registry_cfgs().items()},
-    'epsanet50.untrained': _cfg(),
-    'epsanet50_large.untrained': _cfg(),
-    'epsanet101.untrained': _cfg(),
-    'epsanet101_large.untrained': _cfg(),
+    # published weights go first, e.g. 'epsanet50.in1k': _cfg(hf_hub_id='org/repo@<commit>', ...),
+    **{f'{name}.untrained': _cfg() for name in VARIANTS},
 })
 
 
-def _model_args(layers, large: bool) -> Dict[str, Any]:
-    # zero_init_last=False: the authors initialise every BN weight to 1
-    return dict(
-        block=PSABottleneck,
-        layers=layers,
-        base_width=128 if large else 64,
-        block_args=dict(psa_kwargs=LARGE_PSA if large else SMALL_PSA),
-        zero_init_last=False,
-    )
-
-
 @register_model
-def epsanet50(pretrained: bool = False, **kwargs) -> EPSANet:
+def epsanet50(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet-50 (Small): 22.56 M params, 3.62 GFLOPs; the authors' published architecture."""
-    return _create_epsanet('epsanet50', pretrained, **dict(_model_args((3, 4, 6, 3), large=False), **kwargs))
+    return _create_epsanet('epsanet50', pretrained, **kwargs)
 
 
 @register_model
-def epsanet50_large(pretrained: bool = False, **kwargs) -> EPSANet:
-    """EPSANet-50 (Large): 27.90 M params, 4.72 GFLOPs; 2x wide split-input PSA (see module doc)."""
-    return _create_epsanet('epsanet50_large', pretrained, **dict(_model_args((3, 4, 6, 3), large=True), **kwargs))
+def epsanet50_large(pretrained: bool = False, **kwargs) -> ResNet:
+    """EPSANet-50 (Large): 27.90 M params, 4.72 GFLOPs; 2x wide split-input PSA."""
+    return _create_epsanet('epsanet50_large', pretrained, **kwargs)
 
 
 @register_model
-def epsanet101(pretrained: bool = False, **kwargs) -> EPSANet:
+def epsanet101(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet-101 (Small): 38.90 M params, 6.82 GFLOPs."""
-    return _create_epsanet('epsanet101', pretrained, **dict(_model_args((3, 4, 23, 3), large=False), **kwargs))
+    return _create_epsanet('epsanet101', pretrained, **kwargs)
 
 
 @register_model
-def epsanet101_large(pretrained: bool = False, **kwargs) -> EPSANet:
-    """EPSANet-101 (Large): 49.59 M params, 8.97 GFLOPs; 2x wide split-input PSA (see module doc)."""
-    return _create_epsanet(
-        'epsanet101_large', pretrained, **dict(_model_args((3, 4, 23, 3), large=True), **kwargs))
+def epsanet101_large(pretrained: bool = False, **kwargs) -> ResNet:
+    """EPSANet-101 (Large): 49.59 M params, 8.97 GFLOPs; 2x wide split-input PSA."""
+    return _create_epsanet('epsanet101_large', pretrained, **kwargs)

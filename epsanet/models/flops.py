@@ -2,8 +2,6 @@
 import torch
 from torch import nn
 
-from ..layers.psa import PyramidSqueezeAttention
-
 __all__ = ['count_gflops']
 
 
@@ -13,20 +11,16 @@ def count_gflops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> fl
 
     Multiply-accumulates of every conv and linear layer plus two operations per BatchNorm output
     element; activations, pooling and the PSA softmax are free. This rule gives the paper's 3.62 G
-    for EPSANet-50. PSA branch convs are counted from the layer's output shape, whatever fast
-    formulation the layer runs. Works on a ``device='meta'`` model (shapes only, no compute).
+    for EPSANet-50. Works on a ``device='meta'`` model (shapes only, no compute).
     """
     total = 0
-    psa_convs = {id(c) for m in model.modules() if isinstance(m, PyramidSqueezeAttention) for c in m.convs}
 
     def conv_macs(conv: nn.Conv2d, out_numel: int) -> int:
         return out_numel * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
 
     def hook(module, _inputs, out):
         nonlocal total
-        if isinstance(module, PyramidSqueezeAttention):
-            total += sum(conv_macs(c, out.numel() // module.num_branches) for c in module.convs)
-        elif isinstance(module, nn.Conv2d) and id(module) not in psa_convs:
+        if isinstance(module, nn.Conv2d):
             total += conv_macs(module, out.numel())
         elif isinstance(module, nn.Linear):
             total += out.numel() * module.in_features

@@ -4,6 +4,12 @@ from typing import Optional, Tuple
 
 from .flags import arg
 
+# the data-source flags shared with validate and predict
+DATASET_HELP = ('data source, as timm\'s --dataset: "" = ImageFolder or .tar, hfds/NAME (Hugging Face datasets, e.g. '
+                'a save_to_disk folder), wds/NAME (webdataset shards in --data-dir), torch/NAME (torchvision)')
+CLASS_MAP_HELP = 'class map file (one class name per line, line i = class i), as timm\'s --class-map'
+DOWNLOAD_HELP = 'let torch/ data sets download into --data-dir'
+
 __all__ = ['TrainConfig']
 
 D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisation', 'optimizer', 'schedule', 'run'
@@ -16,6 +22,9 @@ class TrainConfig:
     data_dir: str = arg('', 'ImageFolder root holding <train-split>/<class>/<image> and <val-split>/...', D)
     train_split: str = arg('train', 'name of the training subfolder', D)
     val_split: str = arg('val', 'name of the validation subfolder ("" to skip validation)', D)
+    dataset: str = arg('', DATASET_HELP, D)
+    class_map: str = arg('', CLASS_MAP_HELP, D)
+    dataset_download: bool = arg(False, DOWNLOAD_HELP, D)
     workers: int = arg(4, 'data loading worker processes per process', D, aliases=('-j',))
     strict: bool = arg(False, 'check every image before training and fail on unreadable ones (default: skip '
                               'and count them)', D)
@@ -39,6 +48,8 @@ class TrainConfig:
                                   metavar='MODULE')
     grad_checkpointing: bool = arg(False, 'recompute activations in the backward pass to save memory', M)
     channels_last: bool = arg(False, 'use the channels-last memory layout', M)
+    cpu_optimize: bool = arg(True, 'on CPU, train after epsanet.optimize_for_training (PSA convs in the forms measured '
+                                   'fastest on this CPU, channels_last weights; same numbers, same checkpoint keys)', M)
     sync_bn: bool = arg(False, 'synchronise BatchNorm statistics across GPUs (distributed runs on CUDA)', M)
     # augmentation and regularisation
     scale: Tuple[float, ...] = arg((0.08, 1.0), 'random-resized-crop area range', A, metavar='PCT')

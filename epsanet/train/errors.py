@@ -1,9 +1,11 @@
 """Errors the training, validation and extraction APIs raise for problems a user can fix."""
 
+from ..errors import EpsanetError
+
 __all__ = ['TrainError', 'ConfigError', 'CheckpointError', 'NonFiniteLossError']
 
 
-class TrainError(Exception):
+class TrainError(EpsanetError):
     """Base class: the message says what went wrong and what to do."""
 
 

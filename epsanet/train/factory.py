@@ -15,7 +15,7 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..weights.loading import NoPretrainedWeightsError, WeightsError
+from ..weights.loading import NoPretrainedWeightsError, WeightsError, weights_overlay
 from .checkpoint import read_weights_metadata
 from .errors import CheckpointError, ConfigError
 
@@ -59,7 +59,8 @@ def build_model(
         name: a registered model name (``epsanet50``, ...).
         num_classes: classifier size; ``None`` takes it from ``checkpoint``, else timm's default.
         pretrained: load the weights registered for ``name`` (ignored when ``checkpoint`` is given).
-        checkpoint: a local weights file to start from.
+        checkpoint: weights to start from: a local file, or any other source
+            :func:`epsanet.weights.loading.weights_overlay` takes (URL, ``hf-hub:org/name``, folder).
         adapt_classifier: when the file's classifier has another size than ``num_classes``, start a new
             classifier (fine-tuning); when ``False`` that is an error (validation).
         kwargs: passed to ``timm.create_model`` (``drop_rate``, ``features_only``, ...).
@@ -70,8 +71,10 @@ def build_model(
         close = timm.list_models(f'*{name.split("_")[0]}*')[:8]
         raise ConfigError(f'unknown model "{name}". EPSANet models: {", ".join(epsanet.MODEL_NAMES)}'
                           + (f'; similar timm names: {", ".join(close)}' if close else '') + '.')
-    if checkpoint:
+    if checkpoint and os.path.isfile(checkpoint):
         return _from_file(name, Path(checkpoint), num_classes, adapt_classifier, kwargs)
+    if checkpoint:
+        return _from_source(name, os.fspath(checkpoint), num_classes, kwargs)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     try:
@@ -102,10 +105,28 @@ def _from_file(name: str, path: Path, num_classes: Optional[int], adapt: bool, k
     if num_classes is not None and not features:
         kwargs['num_classes'] = num_classes
     # timm drops the file's classifier when its size differs from the model's: tell it the file's size.
-    overlay = dict(file=str(path), num_classes=file_classes if file_classes is not None else -1)
+    overlay = dict(weights_overlay(path), num_classes=file_classes if file_classes is not None else -1)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except WeightsError as e:  # unreadable, corrupt or unsafe file: its own message says what to do
         raise CheckpointError(f'cannot load {path}: {e}') from e
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f'the weights in {path} do not fit {name}: {e}') from e
+
+
+def _from_source(name: str, source: str, num_classes: Optional[int], kwargs: Dict[str, Any]):
+    """Weights from a URL, Hub id or folder (fetched and verified by the weights loader)."""
+    try:
+        overlay = weights_overlay(source)
+    except FileNotFoundError as e:
+        raise CheckpointError(f'weights file {source} does not exist (nor is it a URL or an hf-hub: id).') from e
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except WeightsError as e:
+        raise CheckpointError(f'cannot load {source}: {e}') from e
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f'the weights in {source} do not fit {name}: {e}') from e

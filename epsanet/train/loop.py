@@ -25,7 +25,8 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import DataError, ImageFolder, check_same_classes, split_dir
+from ..data import DataError, check_same_classes
+from ..optimize import optimize_for_training
 from .checkpoint import (
     STATE_SUFFIX,
     WEIGHTS_SUFFIX,
@@ -55,7 +56,7 @@ from .resume import (
     resumable_loader,
     scheduler_state,
 )
-from .validate import evaluate, verify_images
+from .validate import dataset_from_config, evaluate, verify_images
 
 __all__ = ['Callback', 'TrainResult', 'train']
 
@@ -140,8 +141,10 @@ class _Trainer:
     # ---- setup -------------------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.train_ds = ImageFolder(split_dir(cfg.data_dir, cfg.train_split), strict=cfg.strict)
-        self.val_ds = ImageFolder(split_dir(cfg.data_dir, cfg.val_split), strict=cfg.strict) if cfg.val_split else None
+        self.train_ds = dataset_from_config(cfg, cfg.train_split, is_training=True, mark_unreadable=False,
+                                            batch_size=cfg.batch_size, seed=cfg.seed)
+        self.val_ds = dataset_from_config(cfg, cfg.val_split, batch_size=cfg.validation_batch_size or cfg.batch_size) \
+            if cfg.val_split else None
         if self.val_ds is not None:
             check_same_classes(self.train_ds.classes, self.val_ds.classes, self.train_ds.root, self.val_ds.root)
         if cfg.strict:
@@ -188,6 +191,11 @@ class _Trainer:
                                       f'{state["epoch"]}) do not belong together: the run stopped while saving. '
                                       'Resume from a folder whose two files match.')
         progress = state.get('progress')
+        if progress and isinstance(self.train_ds, torch.utils.data.IterableDataset):
+            raise CheckpointError(f'cannot resume {files["state"]}: it stopped part-way through epoch '
+                                  f'{state["epoch"] + 1}, and streamed training data ({self.train_ds.root}) cannot '
+                                  'start part-way. Resume on the data it was written for, or start a new run from the '
+                                  f'last finished epoch with --initial-checkpoint {files["weights"]}.')
         if progress:  # stopped part-way through an epoch: the position only means the same with the same set-up
             then = (progress['world_size'], progress['batch_size'], progress['num_train_images'])
             now = (self.dist.world_size, cfg.batch_size, len(self.train_ds))
@@ -224,6 +232,8 @@ class _Trainer:
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        if cfg.cpu_optimize and self.device.type == 'cpu':
+            optimize_for_training(model)
         if cfg.sync_bn:
             if self.device.type == 'cpu':
                 raise ConfigError('--sync-bn needs GPUs: PyTorch\'s SyncBatchNorm does not run on CPU. Drop --sync-bn.')
@@ -301,6 +311,9 @@ class _Trainer:
             persistent_workers=False)  # fresh workers each epoch, seeded per epoch: resumes repeat the same data
         self.train_loader, self.train_sampler = resumable_loader(self.train_loader, cfg.seed, self.dist.world_size,
                                                                  self.dist.rank)
+        if self.train_sampler is None and cfg.checkpoint_interval:
+            self._log_warning(f'--checkpoint-interval is ignored: streamed training data ({self.train_ds.root}) '
+                              'resumes from epoch ends only.')
         if len(self.train_loader) == 0:
             per_rank = math.ceil(len(self.train_ds) / self.dist.world_size)
             raise DataError(f'{self.train_ds.root} has {len(self.train_ds)} images ({per_rank} per process), fewer '
@@ -415,7 +428,8 @@ class _Trainer:
         signum = self._stop_requested()
         interval = self.cfg.checkpoint_interval
         path = None
-        if signum or (interval and (epoch * self.updates_per_epoch + steps) % interval == 0):
+        exact = self.train_sampler is not None  # streamed data has no position inside an epoch to resume from
+        if exact and (signum or (interval and (epoch * self.updates_per_epoch + steps) % interval == 0)):
             path = self.save(epoch, steps, self._progress(counters), stopped_by=signum or None)
         if signum:
             raise Interrupted(signum, state=path)
@@ -576,10 +590,11 @@ class _Trainer:
         signum = getattr(exc, 'signum', int(signal.SIGINT))  # a plain KeyboardInterrupt (e.g. from a callback)
         saved = getattr(exc, 'state', None)
         target = progress = None
-        if self.in_epoch and self.end_of_steps and self.end_of_steps[0] == completed:  # during validation
+        exact = self.train_sampler is not None  # streamed data resumes from epoch ends only
+        if exact and self.in_epoch and self.end_of_steps and self.end_of_steps[0] == completed:  # in validation
             target, progress = self.end_of_steps[:2], self.end_of_steps[2]
-        elif self.in_epoch and self.boundary and saved is None and not self.dist.distributed:  # e.g. a callback
-            target = self.boundary[:2]
+        elif exact and self.in_epoch and self.boundary and saved is None and not self.dist.distributed:
+            target = self.boundary[:2]  # e.g. a KeyboardInterrupt from a callback
         if target is not None and self.saved_at != target:
             saved = self.save(*target, progress or self._progress(self.boundary[2]), stopped_by=signum)
         elif target is not None:
@@ -606,6 +621,9 @@ class _Trainer:
                        f'--resume {self.last_good})')
         else:
             message = f'stopped by {name} before anything was saved: run the same command again to start over'
+        if not exact and self.in_epoch:
+            message += (f'. Streamed training data ({self.train_ds.root}) cannot resume part-way through an epoch: '
+                        f'epoch {completed + 1} reruns from its start')
         err.args = (message,)
         self._log_warning(f'{message} (exit code {err.exit_code}).')
         return err

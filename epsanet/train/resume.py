@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data.loader import PrefetchLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 __all__ = ['EpochSeeded', 'ResumableSampler', 'resumable_loader', 'capture_rng', 'restore_rng', 'scheduler_state',
            'load_scheduler_state', 'gather', 'broadcast']
@@ -85,9 +85,13 @@ def resumable_loader(loader, seed: int, num_replicas: int, rank: int):
     """Rebuild the DataLoader of timm's ``create_loader`` (kept: transform, collate, workers, prefetcher)
     around :class:`EpochSeeded` and a :class:`ResumableSampler`; returns ``(loader, sampler)``.
 
-    The loader gets its own ``generator``, so starting an epoch draws nothing from the global one.
+    The loader gets its own ``generator``, so starting an epoch draws nothing from the global one. A
+    streamed data set (``IterableDataset``, e.g. webdataset shards) has no order to position: its loader comes
+    back unchanged, with ``None`` for the sampler.
     """
     inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
+    if isinstance(inner.dataset, IterableDataset):
+        return loader, None
     dataset = EpochSeeded(inner.dataset, seed)
     sampler = ResumableSampler(dataset, num_replicas, rank, seed)
     rebuilt = DataLoader(

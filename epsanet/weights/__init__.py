@@ -15,11 +15,13 @@ from .loading import (
     read_checkpoint,
     read_state_dict,
     sha256_file,
+    weights_overlay,
 )
-from .registry import RegistryError, WeightEntry, find_entry, load_registry, registered_weights
+from .registry import RegistryError, WeightEntry, cfg_problems, find_entry, load_registry, registered_weights
 
 __all__ = [
     'NoPretrainedWeightsError', 'RegistryError', 'UnsafeCheckpointError', 'WeightEntry', 'WeightsDownloadError',
-    'WeightsError', 'WeightsIntegrityError', 'create_pretrained', 'download_from_hub', 'download_url',
+    'WeightsError', 'WeightsIntegrityError', 'cfg_problems', 'create_pretrained', 'download_from_hub', 'download_url',
     'find_entry', 'load_registry', 'read_checkpoint', 'read_state_dict', 'registered_weights', 'sha256_file',
+    'weights_overlay',
 ]

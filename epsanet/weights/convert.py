@@ -7,27 +7,27 @@ folder is reloaded with ``timm.create_model("local-dir:...")`` and must reproduc
 """
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
 from ..models.flops import count_gflops
+from ..models.variants import infer_variant
 from .loading import WeightsError, _pick_state_dict, read_checkpoint, sha256_file
 from .model_card import dumps, render_model_card
 
-__all__ = ['ConvertResult', 'convert', 'infer_architecture']
+__all__ = ['ConvertResult', 'convert', 'infer_architecture', 'read_label_names']
 
 _logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
 ENTRY_NAME = 'registry_entry.json'
-_LAYER3_BLOCK = re.compile(r'^layer3\.(\d+)\.')
 
 
 @dataclass
@@ -43,6 +43,7 @@ class ConvertResult:
     file_size: int
     max_abs_diff: float
     entry: Dict[str, Any] = field(default_factory=dict)
+    label_names: Optional[List[str]] = None
 
 
 def _umask() -> int:
@@ -52,19 +53,72 @@ def _umask() -> int:
 
 
 def infer_architecture(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
-    """Which EPSANet a state dict belongs to (timm or authors' names), from its shapes; None if unknown.
+    """Which EPSANet a state dict belongs to (timm or authors' names), from its shapes; None if unknown
+    (:func:`epsanet.models.variants.infer_variant`: blocks per stage and the first block's width)."""
+    return infer_variant(state_dict)
 
-    Depth from the number of stage-3 blocks (6: 50, 23: 101), Small/Large from the width of the first
-    block (64 / 128 channels).
-    """
-    keys = [k[len('module.'):] if k.startswith('module.') else k for k in state_dict]
-    blocks = {int(m.group(1)) for k in keys if (m := _LAYER3_BLOCK.match(k))}
-    depth = {6: '50', 23: '101'}.get(len(blocks))
-    first = state_dict.get('layer1.0.conv1.weight', state_dict.get('module.layer1.0.conv1.weight'))
-    width = {64: '', 128: '_large'}.get(int(first.shape[0])) if first is not None else None
-    if depth is None or width is None:
+
+def _label_names(src: Path, given: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
+    """The class names to publish: ``given``, else those an ``epsanet train`` checkpoint records; checked."""
+    names, origin = (list(given), 'the given label names') if given else (None, '')
+    if names is None and src.suffix == '.safetensors':
+        from ..train.checkpoint import read_weights_metadata
+        recorded = read_weights_metadata(src).get('classes')
+        names, origin = (list(recorded), f'the classes recorded in {src}') if recorded else (None, '')
+    if names is None:
+        _logger.warning('no class names for %s: config.json gets no label_names (labels will be indices). Give '
+                        'them with label_names= (--label-names FILE).', src)
         return None
-    return f'epsanet{depth}{width}'
+    names = [str(n) for n in names]
+    if len(names) != num_classes:
+        raise WeightsError(f'{origin} list {len(names)} classes but the weights have {num_classes}; give one name '
+                           'per classifier output, in index order.')
+    if len(set(names)) != len(names):
+        raise WeightsError(f'{origin} repeat names ({", ".join(sorted({n for n in names if names.count(n) > 1}))}); '
+                           'each class needs its own name.')
+    return names
+
+
+def _recorded_data_config(src: Path) -> Optional[Dict[str, Any]]:
+    """The eval preprocessing an ``epsanet train`` checkpoint records (size, crop, interpolation, mean, std),
+    for config.json: without it the folder would be read at the model's default 224 px."""
+    if src.suffix != '.safetensors':
+        return None
+    from ..train.checkpoint import read_weights_metadata
+
+    meta = read_weights_metadata(src)
+    config = {k: meta[k] for k in ('img_size', 'crop_pct', 'interpolation', 'mean', 'std') if meta.get(k)}
+    for k in ('mean', 'std'):
+        if k in config:
+            config[k] = tuple(config[k])
+    return config or None
+
+
+def read_label_names(path: Union[str, Path]) -> List[str]:
+    """Class names from a text file, one per line in index order (blank lines ignored), as timm's class maps."""
+    try:
+        lines = Path(path).read_text(encoding='utf-8').splitlines()
+    except OSError as e:
+        raise WeightsError(f'cannot read the label names file {path}: {e}') from e
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        raise WeightsError(f'the label names file {path} is empty; write one class name per line.')
+    return names
+
+
+def _drop_repeated_model_args(config_path: Path) -> None:
+    """Remove ``num_classes`` from config.json's ``model_args``: it is already at the top level, and
+    transformers' timm wrapper passes ``num_classes`` itself, so a second one breaks
+    ``AutoModelForImageClassification.from_pretrained`` (timm reads the top-level value)."""
+    import json
+
+    config = json.loads(config_path.read_text())
+    args = config.get('model_args')
+    if isinstance(args, dict) and 'num_classes' in args:
+        del args['num_classes']
+        if not args:
+            del config['model_args']
+        config_path.write_text(json.dumps(config, indent=2))
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -94,6 +148,7 @@ def convert(
         overwrite: bool = False,
         check_img_size: int = 64,
         progress: bool = True,
+        label_names: Optional[Sequence[str]] = None,
 ) -> ConvertResult:
     """Convert ``src`` (authors' checkpoint, timm state dict, training checkpoint, safetensors) to ``out_dir``.
 
@@ -110,13 +165,18 @@ def convert(
         overwrite: replace the files of an existing folder.
         check_img_size: image size of the logits check between the source and the reloaded folder.
         progress: show a progress bar over the steps.
+        label_names: the class names, one per classifier output, in index order; by default the
+            ``classes`` an ``epsanet train`` checkpoint records. Written to config.json as timm's
+            ``label_names`` (timm's ``pretrained_cfg["label_names"]``, transformers' ``id2label``) and
+            to the model card.
     """
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_file():
         raise FileNotFoundError(f'No weights file at {src}.')
     _check_out_dir(out_dir, overwrite)
     with tqdm(total=5, desc='convert', disable=not progress, unit='step') as steps:
-        result = _convert(src, out_dir, model_name, tag, license, provenance, metrics, check_img_size, steps)
+        result = _convert(src, out_dir, model_name, tag, license, provenance, metrics, check_img_size, steps,
+                          label_names)
     _logger.info(f'Wrote {out_dir} ({result.model}, {result.num_classes} classes, sha256 {result.sha256}); '
                  f'logits match the source (max |diff| {result.max_abs_diff:.2e}).')
     return result
@@ -124,7 +184,7 @@ def convert(
 
 def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[str], license: Optional[str],
              provenance: Optional[Dict[str, Any]], metrics: Optional[Dict[str, Any]], check_img_size: int,
-             steps: tqdm) -> ConvertResult:
+             steps: tqdm, label_names: Optional[Sequence[str]] = None) -> ConvertResult:
     import timm
     from timm.models import save_for_hf
 
@@ -146,13 +206,17 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict)).eval()
     model.pretrained_cfg.update(tag=tag, license=license)
     num_classes, in_chans = model.num_classes, model.conv1.in_channels
+    label_names = _label_names(src, label_names, num_classes)
+    data_config = _recorded_data_config(src)
     steps.update()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
         steps.set_postfix_str('save')
-        save_for_hf(model, str(tmp), safe_serialization=True)
+        save_for_hf(model, str(tmp), model_config=dict(label_names=label_names) if label_names else None,
+                    data_config=data_config, safe_serialization=True)
+        _drop_repeated_model_args(tmp / CONFIG_NAME)
         steps.update()
 
         steps.set_postfix_str('check')
@@ -184,7 +248,8 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
         (tmp / 'README.md').write_text(render_model_card(dict(
             model=model_name, tag=tag, num_classes=num_classes, in_chans=in_chans, params=params, gflops=gflops,
             sha256=sha, file_size=size, license=license, provenance=prov, metrics=metrics,
-            source_name=src.name, source_sha256=sha256_file(src), max_abs_diff=max_abs_diff)))
+            source_name=src.name, source_sha256=sha256_file(src), max_abs_diff=max_abs_diff,
+            label_names=label_names)))
 
         out_dir.mkdir(parents=True, exist_ok=True)
         mode = 0o666 & ~_umask()
@@ -194,4 +259,5 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
         steps.update()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConvertResult(out_dir, model_name, num_classes, in_chans, params, gflops, sha, size, max_abs_diff, entry)
+    return ConvertResult(out_dir, model_name, num_classes, in_chans, params, gflops, sha, size, max_abs_diff, entry,
+                         label_names)

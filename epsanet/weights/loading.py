@@ -25,18 +25,21 @@ import pickle
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 import torch
 from timm.models import clean_state_dict, resolve_pretrained_cfg
+from timm.models import load_state_dict as timm_load_state_dict
 
+from ..errors import EpsanetError
 from .registry import find_entry, registered_weights
 
 __all__ = [
     'WeightsError', 'NoPretrainedWeightsError', 'WeightsDownloadError', 'WeightsIntegrityError',
     'UnsafeCheckpointError', 'sha256_file', 'read_checkpoint', 'read_state_dict', 'download_url',
     'download_from_hub', 'fetch_weights', 'build_pretrained', 'create_pretrained', 'no_weights_message',
+    'weights_overlay',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ _STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # tim
 _SAFETENSORS_EXT = '.safetensors'
 
 
-class WeightsError(RuntimeError):
+class WeightsError(EpsanetError, RuntimeError):
     """Base class of the errors below; each message says what went wrong and what to do."""
 
 
@@ -108,6 +111,14 @@ def _corrupt(path: Path, err: BaseException) -> WeightsIntegrityError:
         'or not a weights file: download or copy it again (compare its sha256 with the published one).')
 
 
+def _unsafe(path: Path, err: BaseException) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f'Refused to load {path}: it contains pickled Python objects other than tensors '
+        f'({str(err).splitlines()[0]}). Loading it could run arbitrary code, so nothing from it was executed. '
+        'If you trust its origin, re-save only its state dict (or convert it to safetensors) in a trusted '
+        'environment and load that.')
+
+
 def read_checkpoint(path: Union[str, Path]) -> Any:
     """Load a weights file safely: safetensors first, else ``torch.load(weights_only=True)``.
 
@@ -128,11 +139,7 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f'Refused to load {path}: it contains pickled Python objects other than tensors '
-            f'({str(e).splitlines()[0]}). Loading it could run arbitrary code, so nothing from it was executed. '
-            'If you trust its origin, re-save only its state dict (or convert it to safetensors) in a trusted '
-            'environment and load that.') from e
+        raise _unsafe(path, e) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise _corrupt(path, e) from e
 
@@ -144,23 +151,50 @@ def _pick_state_dict(checkpoint: Any, path: Path) -> Dict[str, torch.Tensor]:
                 _logger.info(f'Using "{key}" of {path.name}')
                 checkpoint = checkpoint[key]
                 break
-    if not isinstance(checkpoint, dict) or not checkpoint:
+    return _only_tensors(checkpoint, path)
+
+
+def _only_tensors(state_dict: Any, path: Path) -> Dict[str, torch.Tensor]:
+    if not isinstance(state_dict, dict) or not state_dict:
         raise WeightsIntegrityError(f'{path} holds no state dict (a mapping of parameter names to tensors).')
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise WeightsIntegrityError(f'{path} holds no tensors: it is not a weights file.')
     return clean_state_dict(tensors)
 
 
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """The model state dict stored in a weights file (EMA weights preferred, as timm does).
+    """The model state dict stored in a weights file (EMA weights preferred), read by timm's
+    ``load_state_dict`` with ``weights_only=True``.
 
     Accepts safetensors files, timm state dicts, the authors' ``{'state_dict': {'module.…'}}``
     checkpoints and training checkpoints (``state_dict``/``model``/``state_dict_ema`` keys).
-    ``module.`` and ``_orig_mod.`` prefixes are removed.
+    ``module.`` and ``_orig_mod.`` prefixes are removed. A safetensors file without the
+    ``.safetensors`` suffix is recognised by its header. Raises :class:`UnsafeCheckpointError` for a
+    pickle that needs more than tensors (nothing is executed) and :class:`WeightsIntegrityError` for a
+    truncated or corrupt file.
     """
     path = Path(path)
-    return _pick_state_dict(read_checkpoint(path), path)
+    if not path.is_file():
+        raise FileNotFoundError(f'No weights file at {path}.')
+    if _is_safetensors(path) and path.suffix != _SAFETENSORS_EXT:
+        return _pick_state_dict(read_checkpoint(path), path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state_dict = timm_load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a damaged file
+        unpickling = next((c for c in _causes(e) if isinstance(c, pickle.UnpicklingError)), None)
+        if unpickling is not None:  # timm re-raises the UnpicklingError as a RuntimeError
+            raise _unsafe(path, unpickling) from e
+        raise _corrupt(path, e) from e
+    return _only_tensors(state_dict, path)
+
+
+def _causes(err: BaseException):
+    """``err`` and the exceptions it was raised from."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +461,47 @@ def build_pretrained(build_fn: Callable[..., torch.nn.Module], variant: str, **k
     return model
 
 
+WeightsSource = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+
+
+def weights_overlay(weights: WeightsSource) -> Dict[str, Any]:
+    """The timm ``pretrained_cfg_overlay`` that points a model's weight source at ``weights``.
+
+    The one place that turns a user's weights argument into a timm source; ``create_pretrained``,
+    detection/segmentation backbones and ``epsanet train --initial-checkpoint`` all use it.
+    ``weights`` is a local file (.safetensors, .pth, .pth.tar, .bin), a ``local-dir:`` folder, an
+    ``http(s)://`` or ``file://`` URL, an ``hf-hub:org/name[@revision]`` Hub id, or an in-memory state
+    dict. Every other weight source of the model's default cfg is cleared, so the one given here is
+    the one timm loads.
+
+    Raises:
+        ValueError: a malformed Hub id.
+        FileNotFoundError: anything else that is not an existing file or folder.
+    """
+    cleared = dict(url=None, file=None, state_dict=None, hf_hub_id=None, hf_hub_filename=None, source=None)
+    if isinstance(weights, Mapping):
+        return {**cleared, 'state_dict': dict(weights)}
+    src = os.fspath(weights)
+    if src.startswith('hf-hub:'):
+        hub_id = src[len('hf-hub:'):]
+        if hub_id.partition('@')[0].count('/') != 1:
+            raise ValueError(f'Hub weights must be given as "hf-hub:organization/name[@revision]", got {src!r}.')
+        return {**cleared, 'hf_hub_id': hub_id, 'source': 'hf-hub'}
+    if urlparse(src).scheme in ('http', 'https', 'file'):
+        return {**cleared, 'url': src}
+    if src.startswith('local-dir:') or os.path.isdir(src):
+        folder = src[len('local-dir:'):] if src.startswith('local-dir:') else src
+        return {**cleared, 'file': os.path.abspath(folder), 'source': 'local-dir'}
+    if os.path.isfile(src):
+        return {**cleared, 'file': os.path.abspath(src)}
+    raise FileNotFoundError(
+        f'Weights {src!r} are neither an existing file or folder, an http(s):// URL nor an '
+        '"hf-hub:organization/name" Hub id. Pass one of these.')
+
+
 def create_pretrained(
         model_name: str,
-        weights: Optional[Union[str, Path]] = None,
+        weights: Optional[WeightsSource] = None,
         sha256: Optional[str] = None,
         **kwargs,
 ) -> torch.nn.Module:
@@ -437,8 +509,7 @@ def create_pretrained(
 
     Args:
         model_name: ``epsanet50``, a registry tag (``epsanet50.in1k``) or ``hf-hub:org/repo``.
-        weights: None (the registered weights), a local path, an ``http(s)://`` URL, or
-            ``hf-hub:org/repo[@revision]`` (the architecture is then ``model_name``'s).
+        weights: None (the registered weights) or any source :func:`weights_overlay` takes.
         sha256: expected sha256 of the file or URL.
         **kwargs: passed to ``timm.create_model`` (``num_classes``, ``in_chans``, ``cache_dir``, ...).
     """
@@ -448,20 +519,13 @@ def create_pretrained(
     import epsanet  # noqa: F401  (registers the models)
 
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if weights is not None:
+        overlay.update(weights_overlay(weights))
     if sha256:
         overlay['sha256'] = sha256
-    if weights is not None:
-        w = str(weights)
-        if w.startswith('hf-hub:'):
-            overlay.update(hf_hub_id=w[len('hf-hub:'):], source='hf-hub')
-        elif urlparse(w).scheme in ('http', 'https', 'file'):
-            overlay['url'] = w
-        else:
-            overlay['file'] = w
     try:
         return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except (HfHubHTTPError, EntryNotFoundError) as e:  # timm fetching an hf-hub: model's config.json
         raise WeightsDownloadError(
             f'Could not get the config.json of {model_name} from the Hugging Face Hub ({e}). Check the repo id, '
             'your connection and token (`hf auth login`), or ' + _how_to_load_file()) from e
-

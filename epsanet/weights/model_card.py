@@ -13,7 +13,8 @@ def render_model_card(info: Dict[str, Any]) -> str:
     """The Hub ``README.md`` for a converted folder.
 
     ``info`` keys: model, tag, num_classes, in_chans, params, gflops, sha256, file_size, license,
-    provenance (dict), metrics (dict or None), source_name, source_sha256, max_abs_diff.
+    provenance (dict), metrics (dict or None), source_name, source_sha256, max_abs_diff, label_names
+    (list or None).
     """
     model, tag = info['model'], info.get('tag')
     license_ = info.get('license')
@@ -69,6 +70,14 @@ def render_model_card(info: Dict[str, Any]) -> str:
                   'As given to `epsanet convert --metrics` (a results file of `epsanet validate`).']
     else:
         lines.append('No metrics were given to `epsanet convert`: these weights have not been evaluated here.')
+    names = info.get('label_names')
+    lines += ['', '## Classes', '']
+    if names:
+        lines += [f'{len(names)} classes, in classifier order (also `label_names` in config.json):', '',
+                  '| index | label |', '|---|---|']
+        lines += [f'| {i} | {n} |' for i, n in enumerate(names)]
+    else:
+        lines.append('No class names were given to `epsanet convert`: predictions are class indices.')
     lines += [
         '',
         '## How to load',

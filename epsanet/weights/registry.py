@@ -1,12 +1,15 @@
 """The registry of EPSANet weights that exist: ``weights/registry.json``.
 
 Each entry describes one weights file (where it is, its sha256 and size, its licence, who trained
-it and how, and what ``epsanet validate`` measured) and becomes a timm pretrained tag, so that
-``timm.create_model("epsanet50.in1k", pretrained=True)`` downloads, verifies and loads it.
+it and how, and what ``epsanet validate`` measured). The file's timm pretrained tag is a plain cfg in
+``default_cfgs`` of :mod:`epsanet.models.epsanet` (``hf_hub_id`` or ``url``), as in any timm model file;
+the registry adds what timm's cfgs do not carry, above all the sha256 and size that every download is
+verified against before it gets its cache name.
 
-The registry is read once, when ``epsanet`` is imported. ``EPSANET_WEIGHTS_REGISTRY=/path/to.json``
-replaces the project's file (for private weights, or to test an entry before proposing it).
-The schema is described in ``weights/README.md``.
+The registry is read lazily, the first time something needs it (never at ``import epsanet``), so a
+broken file breaks only what uses it, with a :class:`RegistryError` naming the file and field.
+``EPSANET_WEIGHTS_REGISTRY=/path/to.json`` replaces the project's file (for private weights, or to test
+an entry before proposing it). The schema is described in ``weights/README.md``.
 """
 import json
 import logging
@@ -15,18 +18,20 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from ..errors import EpsanetError
+from ..models.variants import VARIANTS
 
 __all__ = [
     'RegistryError', 'WeightEntry', 'validate_entry', 'registry_path', 'load_registry', 'registered_weights',
-    'registry_cfgs', 'find_entry',
+    'find_entry', 'cfg_problems',
 ]
 
 _logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ENV_VAR = 'EPSANET_WEIGHTS_REGISTRY'
-MODEL_NAMES = ('epsanet50', 'epsanet50_large', 'epsanet101', 'epsanet101_large')
 _TAG = re.compile(r'^[a-z0-9][a-z0-9_\-]*$')
 _SHA256 = re.compile(r'^[0-9a-f]{64}$')
 _REQUIRED_PROVENANCE = ('trained_by', 'recipe', 'data')
@@ -88,7 +93,7 @@ class WeightEntry:
         return cfg
 
 
-class RegistryError(ValueError):
+class RegistryError(EpsanetError, ValueError):
     """The registry file is malformed; the message names the file, the entry and the field."""
 
 
@@ -117,8 +122,8 @@ def validate_entry(raw: Any, where: str = 'entry') -> WeightEntry:
                if raw.get(k) in (None, '')]
     if missing:
         fail(f'missing field(s) {missing}')
-    if raw['model'] not in MODEL_NAMES:
-        fail(f'model {raw["model"]!r} is not one of {list(MODEL_NAMES)}')
+    if raw['model'] not in VARIANTS:
+        fail(f'model {raw["model"]!r} is not one of {list(VARIANTS)}')
     if not _TAG.match(str(raw['tag'])):
         fail(f'tag {raw["tag"]!r} must be lower case letters, digits, "_" or "-", e.g. "in1k"')
     src = raw['source']
@@ -175,11 +180,6 @@ def registered_weights() -> Tuple[WeightEntry, ...]:
     return tuple(load_registry())
 
 
-def registry_cfgs() -> Dict[str, Dict[str, Any]]:
-    """``{"epsanet50.in1k": {pretrained cfg fields}, ...}`` for ``generate_default_cfgs``."""
-    return {e.name: e.pretrained_cfg() for e in registered_weights()}
-
-
 def find_entry(
         url: Optional[str] = None,
         hf_hub_id: Optional[str] = None,
@@ -192,3 +192,32 @@ def find_entry(
         if hf_hub_id and e.hf_hub_id == hf_hub_id and filename in (None, e.source['filename']):
             return e
     return None
+
+
+def cfg_problems(entries: Optional[Sequence[WeightEntry]] = None) -> List[str]:
+    """Where timm's EPSANet pretrained cfgs and the registry disagree (empty when they agree).
+
+    Every registry entry needs a cfg of the same name in ``default_cfgs`` of
+    :mod:`epsanet.models.epsanet` pointing at the same file, and every cfg with weights needs a registry
+    entry, or its download could not be verified against a sha256.
+    """
+    from timm.models import get_pretrained_cfg, list_pretrained
+
+    entries = registered_weights() if entries is None else entries
+    problems = []
+    by_name = {e.name: e for e in entries}
+    for name, entry in by_name.items():
+        cfg = get_pretrained_cfg(name, allow_unregistered=False) if name in list_pretrained(name) else None
+        if cfg is None:
+            problems.append(f'{name} is in the registry but has no cfg in default_cfgs of epsanet/models/epsanet.py: '
+                            f'add "{name}": _cfg(**{entry.pretrained_cfg()!r}).')
+            continue
+        where = cfg.hf_hub_id or cfg.url
+        expected = entry.hf_hub_id or entry.source.get('url')
+        if where != expected:
+            problems.append(f'{name}: default_cfgs points at {where!r}, the registry at {expected!r}.')
+    for name in list_pretrained('epsanet*'):
+        cfg = get_pretrained_cfg(name)
+        if (cfg.hf_hub_id or cfg.url) and name not in by_name:
+            problems.append(f'{name} has weights in default_cfgs but no registry entry (sha256, size, provenance).')
+    return problems

@@ -40,7 +40,7 @@ def test_train_cli_writes_a_run(trained, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['train', '--data-dir', 'no/such/dir'], 'data dir no/such/dir does not exist'),
     (['validate', '--data-dir', 'no/such/dir'], 'does not exist'),
-    (['extract', '--data-dir', '.', '--output', 'x.csv'], 'use a .safetensors or .npy'),
+    (['extract', '--data-dir', '.', '--output', 'x.csv'], 'give a folder (sharded safetensors), a .npy'),
     (['train'], '--data-dir is required'),
     (['train', '--data-dir', '.', '--resume', 'auto'], '--resume auto needs --output'),
     (['train', '--data-dir', '.', '--checkpoint-interval', '-1'], '--checkpoint-interval must be 0 (off)'),

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import epsanet
-from epsanet.layers.fold_bn import optimize_for_inference
 from epsanet.reference import authors_checkpoint, create_reference
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -36,9 +35,12 @@ def _pair(name, num_classes=10, dtype=torch.float32):
 
 @pytest.mark.parametrize('name', ALL_MODELS)
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-def test_matches_reference_with_gradients(name, train):
+@pytest.mark.parametrize('optimized', [False, True], ids=['plain', 'optimize_for_training'])
+def test_matches_reference_with_gradients(name, train, optimized):
     """Whole networks against the reference: logits, input and every weight gradient, and (train)
-    the running statistics. The fast PSA formulations are what is exercised here.
+    the running statistics; the plain model and the model after ``epsanet.optimize_for_training``
+    (autotuned branch convs, memory saver, channels_last weights). In eval mode the model after
+    ``epsanet.optimize_for_inference`` is checked too.
 
     Eval runs in float32 at 32 px (1e-5). Train mode runs in float64 at 64 px: with batch 2,
     BatchNorm's batch statistics at stage 4 come from 8 values per channel and amplify float32
@@ -47,8 +49,9 @@ def test_matches_reference_with_gradients(name, train):
     """
     dtype, size = (torch.float64, 64) if train else (torch.float32, 32)
     ref, ours = _pair(name, dtype=dtype)
-    psas = [m for m in ours.modules() if isinstance(m, epsanet.PSA)]
-    assert any(any(m._depthwise) for m in psas)  # a fast path is in use
+    if optimized:
+        epsanet.optimize_for_training(ours)
+        assert epsanet.optimize.is_optimized(ours)
     ref.train(train)
     ours.train(train)
     x = torch.randn(2, 3, size, size, dtype=dtype, requires_grad=True)
@@ -65,8 +68,8 @@ def test_matches_reference_with_gradients(name, train):
     for k, b in ref.named_buffers():
         if 'running' in k:
             torch.testing.assert_close(buffers[_ours_name(k)], b, **TOL, msg=lambda m, k=k: f'{k}: {m}')
-    if not train:  # the one-line inference setting keeps the numbers
-        folded = optimize_for_inference(ours)
+    if not train and optimized:  # the one-line inference setting keeps the numbers
+        folded = epsanet.optimize_for_inference(ours)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())  # bn2 too: into PSA
         assert all(m.out_scale is not None for m in folded.modules() if isinstance(m, epsanet.PSA))
         with torch.no_grad():

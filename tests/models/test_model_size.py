@@ -4,8 +4,6 @@ import timm
 import torch
 from torch import nn
 
-from epsanet import PSA
-
 EXPECTED = {
     # name: (params, GFLOPs rounded to 2 decimals)
     'epsanet50': (22_561_715, 3.62),
@@ -19,19 +17,13 @@ def paper_flops(model: nn.Module, size: int = 224, in_chans: int = 3) -> int:
     """Conv and linear multiply-accumulates, plus 2 operations per BatchNorm output element.
 
     Runs on the meta device: only shapes are computed, so a 224x224 EPSANet-101 costs nothing.
-    A PSA layer's branch convs are counted from the layer's output (each branch makes 1/S of it),
-    so the count does not depend on how the layer computes them.
+    Plain forward hooks: every conv, PSA branches included, is called as a module.
     """
     total = 0
-    psa_branch_convs = {id(c) for m in model.modules() if isinstance(m, PSA) for c in m.convs}
 
     def count(module, inputs, output):
         nonlocal total
-        if isinstance(module, PSA):
-            for conv in module.convs:
-                kh, kw = conv.kernel_size
-                total += output.numel() // len(module.convs) * (conv.in_channels // conv.groups) * kh * kw
-        elif isinstance(module, nn.Conv2d) and id(module) not in psa_branch_convs:
+        if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             total += output.numel() * (module.in_channels // module.groups) * kh * kw
         elif isinstance(module, nn.Linear):

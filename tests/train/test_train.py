@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from epsanet.data import DataError, write_image_folder
+from epsanet.data.synthetic import write_wds
 from epsanet.train import (
     Callback,
     CheckpointError,
@@ -198,3 +199,16 @@ def test_sigterm_during_a_checkpoint_write_finishes_the_write_then_stops(data, t
     state = load_state(tmp_path / 'run' / 'last.state.pth')  # the write was finished, not cut
     assert (state['epoch'], state['step']) == (1, 0)
     assert not list((tmp_path / 'run').glob('.*.tmp'))
+
+
+def test_streamed_data_resumes_from_epoch_ends_and_says_so(tmp_path, caplog):
+    pytest.importorskip('webdataset')
+    src = write_image_folder(tmp_path / 'img', classes=('a', 'b', 'c'), splits={'train': 4})
+    shards = write_wds(src / 'train', tmp_path / 'wds', 'train')
+    cfg = _cfg(shards, tmp_path / 'run', dataset='wds/tiny', val_split='', checkpoint_interval=1)
+    with caplog.at_level(logging.WARNING), pytest.raises(Interrupted) as e:
+        train(cfg, callbacks=[Recorder(stop_at_step=(1, 0))])
+    assert '--checkpoint-interval is ignored' in caplog.text
+    assert 'cannot resume part-way through an epoch: epoch 2 reruns from its start' in str(e.value)
+    state = load_state(tmp_path / 'run' / 'last.state.pth')
+    assert (state['epoch'], state['step']) == (1, 0) and e.value.state is None  # nothing mid-epoch was written

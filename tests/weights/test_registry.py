@@ -12,7 +12,7 @@ import safetensors.torch
 import timm
 
 import epsanet  # noqa: F401
-from epsanet.weights.registry import RegistryError, load_registry, registered_weights, validate_entry
+from epsanet.weights.registry import RegistryError, cfg_problems, load_registry, registered_weights, validate_entry
 
 PROJECT_REGISTRY = Path(__file__).resolve().parents[2] / 'weights' / 'registry.json'
 
@@ -39,7 +39,7 @@ def test_project_registry_is_valid_and_lists_no_invented_weights():
     assert timm.list_models('epsanet*', pretrained=True) == []
 
 
-def test_entry_becomes_a_timm_cfg():
+def test_entry_gives_its_timm_cfg():
     entry = validate_entry(ENTRY)
     assert entry.name == 'epsanet50.testtag'
     cfg = entry.pretrained_cfg()
@@ -48,6 +48,27 @@ def test_entry_becomes_a_timm_cfg():
                                               'revision': 'b' * 40}}).pretrained_cfg()
     assert hub['hf_hub_id'] == 'org/repo@' + 'b' * 40 and hub['hf_hub_filename'] == 'model.safetensors'
     assert 'url' not in hub
+
+
+def test_timm_cfgs_and_registry_agree():
+    assert cfg_problems() == []  # the project's: no weights on either side
+    problems = cfg_problems([validate_entry(ENTRY)])
+    assert len(problems) == 1 and 'epsanet50.testtag is in the registry but has no cfg' in problems[0]
+    assert "_cfg(**{'num_classes': 1000" in problems[0]  # says which line to add
+
+
+def test_a_broken_registry_does_not_break_import(tmp_path):
+    broken = tmp_path / 'registry.json'
+    broken.write_text('{"weights": [')
+    env = dict(os.environ, EPSANET_WEIGHTS_REGISTRY=str(broken))
+    code = ('import timm, epsanet\n'
+            'm = timm.create_model("epsanet50", num_classes=2)\n'
+            'from epsanet.weights import registered_weights\n'
+            'registered_weights()\n')
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert 'RegistryError' in out.stderr and 'is not valid JSON' in out.stderr and str(broken) in out.stderr
+    assert 'create_model' not in out.stderr.split('Traceback')[-1].splitlines()[-1]
 
 
 @pytest.mark.parametrize('change, message', [
@@ -82,9 +103,16 @@ def test_duplicates_and_bad_files_are_reported(tmp_path):
 
 _CHILD = '''
 import json, sys, timm, torch
+from timm.models import generate_default_cfgs, register_model
 import epsanet
+from epsanet.models import epsanet as model_file
 from epsanet.reference import create_reference
+from epsanet.weights import registered_weights
 name = sys.argv[1]
+# what adding the weights to the model file does: a cfg line in default_cfgs (first tag: the default)
+entry = registered_weights()[0]
+model_file.default_cfgs = generate_default_cfgs({entry.name: model_file._cfg(**entry.pretrained_cfg())})
+register_model(model_file.epsanet50)
 model = timm.create_model(name, pretrained=True).eval()
 default = timm.create_model('epsanet50', pretrained=True).eval()
 torch.manual_seed(0)
@@ -100,7 +128,8 @@ print(json.dumps(dict(diff=diff, same=same, listed=timm.list_models('epsanet*', 
 
 @pytest.mark.slow
 def test_a_registry_entry_makes_the_timm_tag_work(tmp_path, file_server, small_reference, authors_file):
-    """End to end in a fresh process: registry entry -> tag -> loopback download -> sha256 -> same logits."""
+    """End to end in a fresh process: cfg in default_cfgs + registry entry -> tag -> loopback download ->
+    sha256 -> same logits."""
     model = timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(authors_file)))
     weights = tmp_path / 'epsanet50_test.safetensors'
     safetensors.torch.save_file(model.state_dict(), weights)

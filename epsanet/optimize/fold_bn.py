@@ -1,10 +1,10 @@
-"""Inference setting for EPSANet: ``optimize_for_inference(model)`` (BN folding, channels_last).
+"""BatchNorm folding for EPSANet inference (part of :func:`epsanet.optimize_for_inference`).
 
 In eval mode a BatchNorm is a fixed per-channel affine map, so a conv followed directly by a
 BN equals one conv with scaled weights and a bias. EPSANet folds every such pair: the stem,
 ``conv1/bn1`` and ``conv3/bn3`` of each block and the shortcut's conv/BN. The BN after PSA
 (``bn2``) cannot go into the branch convs (the attention sits between them and it); it goes into
-the attention product instead (:meth:`~epsanet.layers.psa.PyramidSqueezeAttention.fold_output_affine`),
+the attention product instead (:meth:`~epsanet.optimize.fast_psa.FastPSA.fold_output_affine`),
 which then costs one pass over the features instead of two. Outputs match the unfolded model
 within float rounding (about 1e-6 relative); training needs the unfolded model.
 """
@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .psa import PyramidSqueezeAttention
+from ..layers.psa import PyramidSqueezeAttention
+from .fast_psa import FastPSA
 
-__all__ = ['fold_batchnorm', 'optimize_for_inference']
+__all__ = ['fold_batchnorm']
 
 _PAIRS: Tuple[Tuple[str, str], ...] = (('conv1', 'bn1'), ('conv3', 'bn3'))
 
@@ -32,7 +33,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def _foldable_into_psa(psa: nn.Module, bn: nn.Module) -> bool:
-    return isinstance(psa, PyramidSqueezeAttention) and psa.out_scale is None and _is_fixed_affine(bn, psa.out_chs)
+    return (isinstance(psa, PyramidSqueezeAttention) and getattr(psa, 'out_scale', None) is None
+            and _is_fixed_affine(bn, psa.out_chs))
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,26 +63,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                     setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
                     setattr(module, bn_name, nn.Identity())
         if isinstance(module, PSABottleneck) and _foldable_into_psa(module.conv2, module.bn2):
+            if not isinstance(module.conv2, FastPSA):
+                module.conv2 = FastPSA.from_psa(module.conv2)
             module.conv2.fold_output_affine(*_bn_scale_shift(module.bn2))
             module.bn2 = nn.Identity()
         if isinstance(module, PSABottleneck) and isinstance(module.downsample, nn.Sequential):
             ds = module.downsample
             if len(ds) == 2 and _foldable(ds[0], ds[1]):
                 module.downsample = nn.Sequential(fuse_conv_bn_eval(ds[0], ds[1]), nn.Identity())
-    return model
-
-
-def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """The one-line inference setting: ``model = optimize_for_inference(model)``.
-
-    Puts the model in eval mode, folds BatchNorm into the preceding convs
-    (:func:`fold_batchnorm`) and, with ``channels_last``, stores the weights channels_last.
-    Inputs may stay NCHW: the first conv then returns channels_last and the whole network runs
-    in it, which on x86 CPUs (oneDNN) is much faster than NCHW for the 1x1 convs. Numerically
-    the same network (float rounding aside); it can no longer be trained (re-create it to
-    fine-tune). Works in place and returns the model.
-    """
-    model = fold_batchnorm(model.eval())
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return model

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import epsanet.layers.branch_conv as branch_conv_module
-from epsanet.layers.branch_conv import branch_conv, to_memory_format
-from epsanet.layers.fft_weight_grad import _fast_fft_size, fft_weight_grad, fft_weight_grad_pays_off
+from epsanet.optimize import autotune, conv_forms
+from epsanet.optimize.fft_weight_grad import _fast_fft_size, fft_weight_grad, fft_weight_grad_applies
+from epsanet.optimize.tuned_conv import TunedConv2d
 
 
 def _conv_weight_grad(x, grad, weight_shape, groups, dilation):
@@ -43,13 +43,10 @@ def test_float32_error_is_small(channels_last):
     assert ((out.double() - expected).abs().max() / expected.abs().max()) < 1e-5
 
 
-def test_used_only_where_it_was_measured_faster():
-    assert fft_weight_grad_pays_off(4, 1, 9, 1)  # EPSANet-50 stage 1, 9x9
-    assert fft_weight_grad_pays_off(8, 2, 7, 1)  # stage 1, 7x7
-    assert fft_weight_grad_pays_off(8, 2, 9, 1)  # stage 2, 9x9
-    assert not fft_weight_grad_pays_off(8, 2, 9, 2)  # strided
-    assert not fft_weight_grad_pays_off(16, 4, 5, 1)  # 5x5
-    assert not fft_weight_grad_pays_off(16, 4, 9, 1)  # stage 3, 9x9
+def test_applies_to_stride_one_float():
+    assert fft_weight_grad_applies(1, torch.float32) and fft_weight_grad_applies(1, torch.float64)
+    assert not fft_weight_grad_applies(2, torch.float32)
+    assert not fft_weight_grad_applies(1, torch.bfloat16)
 
 
 def test_transform_lengths_are_fast_and_long_enough():
@@ -63,21 +60,22 @@ def test_transform_lengths_are_fast_and_long_enough():
         assert m == 1
 
 
-def test_branch_conv_backward_uses_it_and_matches_conv2d(monkeypatch):
+def test_a_tuned_conv_that_picks_it_matches_conv2d(monkeypatch):
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(args[2:])
         return fft_weight_grad(*args, **kwargs)
-    monkeypatch.setattr(branch_conv_module, 'fft_weight_grad', counted)
+    monkeypatch.setattr(conv_forms, 'fft_weight_grad', counted)
+    monkeypatch.setenv(autotune.ENV_FORMS, 'depthwise_nchw,cl,fft')
     torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 16, 9, padding=4, groups=16, bias=False)
+    tuned = TunedConv2d.from_conv(conv)
     x = torch.randn(2, 64, 12, 12).to(memory_format=torch.channels_last).requires_grad_(True)
-    w = (torch.randn(16, 4, 9, 9) / (4 * 81) ** 0.5).requires_grad_(True)
-    out = branch_conv(x, to_memory_format(x, 0), w, 16, 4, 16, 9, 1, 1, True, True)
-    ref = F.conv2d(x, w, None, 1, 4, 1, 16)
+    out, ref = tuned(x), F.conv2d(x, conv.weight, None, 1, 4, 1, 16)
     up = torch.randn_like(ref)
-    grads = torch.autograd.grad((out * up).sum(), [x, w])
-    expected = torch.autograd.grad((ref * up).sum(), [x, w])
+    grads = torch.autograd.grad((out * up).sum(), [x, conv.weight])
+    expected = torch.autograd.grad((ref * up).sum(), [x, conv.weight])
     assert calls == [(16, 9, 1)]
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

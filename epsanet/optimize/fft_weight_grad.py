@@ -7,20 +7,17 @@ sum over the batch is a product summed over ``n`` per frequency, and one inverse
 plane gives every lag at once. oneDNN computes this gradient directly and is slow for the PSA
 branches with 7x7 and 9x9 kernels and few channels per group.
 
-Measured against oneDNN's channels_last weight gradient (torch 2.14, AVX-512, 2 threads, batch 8,
-float32, one run): EPSANet-50 stage-1 9x9 branch (4 input / 1 output channels per group, 56 px)
-18.5 -> 4.9 ms, stage-1 7x7 (8 / 2) 11.7 -> 7.2 ms, stage-2 9x9 (8 / 2, 28 px) 8.7 -> 3.2 ms; slower
-than oneDNN for 5x5 kernels and for 64 or more input x output channels per group, which
-:func:`fft_weight_grad_pays_off` therefore leaves to oneDNN. Relative error ~5e-7 in float32.
+Whether it is faster than the conv's own weight gradient depends on the shape and the CPU: the
+autotuner (:mod:`epsanet.optimize.autotune`) times both on the running machine and keeps the faster.
 """
 import torch
 
-__all__ = ['fft_weight_grad', 'fft_weight_grad_pays_off']
+__all__ = ['fft_weight_grad', 'fft_weight_grad_applies']
 
 
-def fft_weight_grad_pays_off(in_per_group: int, out_per_group: int, kernel_size: int, stride: int) -> bool:
-    """Whether :func:`fft_weight_grad` beats oneDNN for a branch of this shape (see the module doc)."""
-    return stride == 1 and kernel_size >= 7 and in_per_group * out_per_group <= 16
+def fft_weight_grad_applies(stride: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`fft_weight_grad` can compute a branch's weight gradient: stride 1, float32/64."""
+    return stride == 1 and dtype in (torch.float32, torch.float64)
 
 
 def _fast_fft_size(n: int) -> int:

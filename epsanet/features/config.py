@@ -1,0 +1,61 @@
+"""The options of ``epsanet extract`` (:class:`ExtractConfig`), shared by the CLI, YAML and the Python API."""
+import dataclasses
+import re
+from typing import Optional, Tuple
+
+from ..train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
+from ..train.errors import ConfigError
+from ..train.flags import arg
+
+__all__ = ['ExtractConfig', 'parse_size']
+
+X = 'extraction'
+
+
+@dataclasses.dataclass
+class ExtractConfig:
+    """Options of :func:`~epsanet.features.extract`."""
+    data_dir: str = arg('', 'folder of images (searched recursively; any layout), or the root of --dataset', X)
+    dataset: str = arg('', DATASET_HELP + '; webdataset shards (wds/) have no per-file names and are refused', X)
+    split: str = arg('', 'with --dataset: the split to embed (e.g. "val"; "" for --data-dir itself)', X)
+    class_map: str = arg('', CLASS_MAP_HELP, X)
+    dataset_download: bool = arg(False, DOWNLOAD_HELP, X)
+    output: str = arg('features', 'output: a folder (sharded safetensors + index.json), a .npy file (one '
+                                  'preallocated .npy per output) or a .safetensors file (one file)', X)
+    shard_size: str = arg('1GB', 'largest shard file of a folder output (bytes, or with KB/MB/GB)', X)
+    overwrite: bool = arg(False, 'replace an existing output made with other settings instead of failing', X)
+    model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', X)
+    checkpoint: str = arg('', 'weights file (.safetensors from "epsanet train", timm or authors\' .pth)', X)
+    pretrained: bool = arg(False, "use the model's registered pretrained weights", X)
+    num_classes: Optional[int] = arg(None, 'number of classes of the weights (default: from the checkpoint)', X)
+    stages: Tuple[int, ...] = arg((), 'extract these stage outputs (0 = stem, 1-4 = stages) instead of the pooled '
+                                      'pre-logits', X, metavar='STAGE')
+    pool_stages: bool = arg(False, 'global-average-pool stage outputs to vectors', X)
+    img_size: Optional[int] = arg(None, 'input size (default: recorded in the checkpoint, else the model\'s)', X)
+    crop_pct: Optional[float] = arg(None, 'centre-crop fraction (default: checkpoint\'s, else model\'s)', X)
+    interpolation: str = arg('', 'resize interpolation (default: the model\'s)', X)
+    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean (default: checkpoint\'s, else model\'s)', X)
+    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std (default: checkpoint\'s, else model\'s)', X)
+    batch_size: int = arg(64, 'batch size (per process)', X, aliases=('-b',))
+    workers: int = arg(4, 'data loading worker processes (per process)', X, aliases=('-j',))
+    device: str = arg('', 'device (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)', X)
+    optimize: bool = arg(True, 'run the fastest inference form: on CPU optimize_for_inference (BatchNorm folded, '
+                               'channels_last); on CUDA channels_last + mixed precision', X)
+    amp: bool = arg(False, 'mixed precision on CPU too (bfloat16; on CUDA it is on unless --no-optimize); '
+                           'features are stored as float32', X)
+    amp_dtype: str = arg('', 'mixed precision dtype (default: float16 on CUDA, bfloat16 on CPU)', X,
+                         choices=('float16', 'bfloat16'))
+    channels_last: bool = arg(False, 'channels-last memory layout (implied by the optimized form)', X)
+    strict: bool = arg(False, 'fail on unreadable images instead of skipping them', X)
+    progress: bool = arg(True, 'show progress (img/s)', X)
+
+
+_UNITS = {'': 1, 'B': 1, 'KB': 1 << 10, 'K': 1 << 10, 'MB': 1 << 20, 'M': 1 << 20, 'GB': 1 << 30, 'G': 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``'1GB'`` -> 1073741824 (binary units: KB = 1024 bytes); a plain number is bytes."""
+    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*', str(text), flags=re.I)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f'--shard-size {text}: give a positive size such as 1GB, 256MB or 1048576 (bytes).')
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])

@@ -1,0 +1,152 @@
+"""Formulations of a grouped conv that give the same numbers, for the autotuner to choose from.
+
+A PSA branch is a grouped conv with a large kernel and few channels per group. How fast a CPU
+library runs it depends on the shape, the memory format, the pass and the CPU itself (its ISA and
+cache sizes), so no fixed rule is right everywhere. Each form here computes exactly
+``F.conv2d(x, weight, None, stride, padding, dilation, groups)`` and returns it in ``x``'s memory
+format; :mod:`epsanet.optimize.autotune` times them on the running machine.
+
+Forward forms (``FORWARD_FORMS``):
+
+* ``grouped_nchw`` / ``grouped_cl``: the grouped conv itself, run in NCHW or channels_last;
+* ``depthwise_nchw`` / ``depthwise_cl``: one depthwise conv per output channel of a group, then a
+  sum over the group's input channels (:func:`grouped_conv_as_depthwise`). The same multiply-adds,
+  but depthwise convs have specialised kernels.
+
+Backward forms: the input gradient by the conv's own backward in NCHW or channels_last
+(``INPUT_GRAD_FORMS``); the weight gradient likewise, or by FFT correlation (``WEIGHT_GRAD_FORMS``,
+:mod:`epsanet.optimize.fft_weight_grad`).
+"""
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from .fft_weight_grad import fft_weight_grad, fft_weight_grad_applies
+
+__all__ = [
+    'ConvShape', 'FORWARD_FORMS', 'INPUT_GRAD_FORMS', 'WEIGHT_GRAD_FORMS', 'forward_candidates',
+    'weight_grad_candidates', 'grouped_conv_as_depthwise', 'run_forward', 'input_grad', 'weight_grad',
+    'is_channels_last', 'in_format_of',
+]
+
+FORWARD_FORMS = ('grouped_nchw', 'grouped_cl', 'depthwise_nchw', 'depthwise_cl')
+INPUT_GRAD_FORMS = ('nchw', 'cl')
+WEIGHT_GRAD_FORMS = ('nchw', 'cl', 'fft')
+MAX_DEPTHWISE_OUTPUTS = 4  # the depthwise form runs one conv per output channel of a group
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What a conv's speed depends on: its hyper-parameters and the input's shape, dtype and format."""
+    batch: int
+    in_chs: int
+    out_chs: int
+    height: int
+    width: int
+    kernel_size: int
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    dtype: str
+    channels_last: bool
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_chs // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_chs // self.groups
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is stored channels_last (and not also plain contiguous, e.g. 1x1 maps)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format (NCHW or channels_last)."""
+    return t.contiguous(memory_format=torch.channels_last if is_channels_last(like) else torch.contiguous_format)
+
+
+def _to(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def forward_candidates(shape: ConvShape) -> List[str]:
+    """The forward forms that apply to ``shape`` (the depthwise forms only with few outputs per group)."""
+    forms = ['grouped_nchw', 'grouped_cl']
+    if shape.in_per_group > 1 and shape.out_per_group <= MAX_DEPTHWISE_OUTPUTS:
+        forms += ['depthwise_nchw', 'depthwise_cl']
+    return forms
+
+
+def weight_grad_candidates(shape: ConvShape) -> List[str]:
+    """The weight-gradient forms that apply to ``shape`` (FFT only for stride 1 and float32/64)."""
+    forms = ['nchw', 'cl']
+    same_padding = shape.padding == shape.dilation * (shape.kernel_size // 2)
+    if same_padding and fft_weight_grad_applies(shape.stride, getattr(torch, shape.dtype)):
+        forms.append('fft')
+    return forms
+
+
+def grouped_conv_as_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int,
+                              groups: int) -> torch.Tensor:
+    """``conv2d(x, weight, groups=groups)`` computed with depthwise convs and sums.
+
+    Output channel ``j`` of group ``g`` is the sum over the group's ``I`` input channels ``i`` of
+    ``x[g, i] * weight[g, j, i]``: one depthwise conv over all input channels per output channel ``j``
+    of a group, then a sum over ``i``.
+    """
+    out_chs, in_per_group, kh, kw = weight.shape
+    out_per_group = out_chs // groups
+    per_out = weight.reshape(groups, out_per_group, in_per_group, kh, kw)
+    outs: List[torch.Tensor] = []
+    for j in range(out_per_group):
+        w = per_out[:, j].reshape(groups * in_per_group, 1, kh, kw)
+        y = F.conv2d(x, in_format_of(w, x), None, stride, padding, dilation, groups * in_per_group)
+        outs.append(y.unflatten(1, (groups, in_per_group)).sum(dim=2))
+    if out_per_group == 1:
+        return outs[0]
+    return torch.stack(outs, dim=2).flatten(1, 2)  # channel g * out_per_group + j
+
+
+def run_forward(form: str, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int,
+                groups: int) -> torch.Tensor:
+    """The conv in forward form ``form`` (one of :data:`FORWARD_FORMS`), returned in ``x``'s format."""
+    channels_last = form.endswith('_cl')
+    xf = _to(x, channels_last)
+    if form.startswith('depthwise'):
+        out = grouped_conv_as_depthwise(xf, weight, stride, padding, dilation, groups)
+    else:
+        out = F.conv2d(xf, _to(weight, channels_last), None, stride, padding, dilation, groups)
+    return in_format_of(out, x)
+
+
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                   dilation: int, groups: int, channels_last: bool, mask: List[bool]):
+    return torch.ops.aten.convolution_backward(
+        _to(grad, channels_last), _to(x, channels_last), _to(weight, channels_last), None, [stride, stride],
+        [padding, padding], [dilation, dilation], False, [0, 0], groups, mask)
+
+
+def input_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+               dilation: int, groups: int) -> torch.Tensor:
+    """The gradient of the conv's input in form ``form`` (``'nchw'`` or ``'cl'``), in ``x``'s format."""
+    gx = _conv_backward(grad, x, weight, stride, padding, dilation, groups, form == 'cl', [True, False, False])[0]
+    return in_format_of(gx, x)
+
+
+def weight_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                dilation: int, groups: int) -> torch.Tensor:
+    """The gradient of the conv's weight in form ``form`` (``'nchw'``, ``'cl'`` or ``'fft'``), in the
+    weight's memory format."""
+    if form == 'fft':
+        gw = fft_weight_grad(x, grad, groups, weight.shape[-1], dilation)
+    else:
+        gw = _conv_backward(grad, x, weight, stride, padding, dilation, groups, form == 'cl', [False, True, False])[1]
+    return in_format_of(gw, weight)
+

@@ -1,0 +1,103 @@
+"""The two one-line CPU settings: ``optimize_for_inference(model)`` and ``optimize_for_training(model)``.
+
+The EPSANet that ``timm.create_model`` returns is a plain ``nn.Module`` that runs the same way on every
+device. These transforms swap in CPU-specialised modules, which are still modules, still called in the
+forward pass (hooks fire on them), and compute the same numbers within float rounding:
+
+* every PSA branch conv becomes a :class:`~epsanet.optimize.tuned_conv.TunedConv2d` (same parameter),
+  whose forward, input gradient and weight gradient run in the forms measured fastest for its shape
+  on the running CPU, the first time it meets that shape (:mod:`epsanet.optimize.autotune`);
+* every PSA layer becomes a :class:`~epsanet.optimize.fast_psa.FastPSA`: in training it keeps its output
+  instead of its branch features for the backward pass (one feature map less per block); in inference
+  the BatchNorm after it is computed in the same pass as the attention product;
+* inference only: every conv -> BatchNorm pair is folded into one conv (:mod:`epsanet.optimize.fold_bn`);
+* the weights are stored channels_last (``channels_last=True``): the first conv then returns
+  channels_last maps even for NCHW input, and the whole network runs in that format.
+
+On a model whose parameters are not on the CPU they change nothing (inference: only ``model.eval()``)
+and say so in one log line. Hooks registered before a transform stay on the replaced modules: register
+them afterwards. TorchScript, ``torch.fx``, ``torch.export`` and ONNX export want the plain model; under
+``torch.compile``, autocast or tracing the tuned convs run as plain convs.
+"""
+import logging
+
+import torch
+from torch import nn
+
+from ..layers.psa import PyramidSqueezeAttention
+from .fast_psa import FastPSA
+from .fold_bn import fold_batchnorm
+from .tuned_conv import TunedConv2d
+
+__all__ = ['optimize_for_inference', 'optimize_for_training', 'is_optimized']
+
+_logger = logging.getLogger(__name__)
+
+
+def _on_cpu(model: nn.Module, what: str) -> bool:
+    devices = {p.device.type for p in model.parameters()}
+    if devices and devices != {'cpu'}:
+        _logger.info(f'{what}: the model is on {", ".join(sorted(devices))}, not the CPU; nothing changed '
+                     '(these transforms are CPU-specific).')
+        return False
+    return True
+
+
+def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool) -> int:
+    """Replace every PSA layer by a FastPSA and its branch convs by TunedConv2d; returns the count."""
+    from ..models.epsanet import PSABottleneck
+
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PyramidSqueezeAttention):
+                fast = child if isinstance(child, FastPSA) else FastPSA.from_psa(child)
+                # the output is kept only where the next layer (bn2) keeps it anyway and nothing changes it
+                fast.save_output_for_backward = save_output_for_backward and isinstance(parent, PSABottleneck)
+                for i, conv in enumerate(fast.convs):
+                    if TunedConv2d.supports(conv):
+                        fast.convs[i] = TunedConv2d.from_conv(conv)
+                setattr(parent, name, fast)
+                count += 1
+    return count
+
+
+def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """The one-line CPU inference setting: ``model = epsanet.optimize_for_inference(model)``.
+
+    Puts the model in eval mode, folds BatchNorm into the preceding convs, computes the BatchNorm after
+    each PSA layer with its attention product, autotunes the PSA branch convs and, with
+    ``channels_last``, stores the weights channels_last (inputs may stay NCHW). Numerically the same
+    network (float rounding aside), but it can no longer be trained: re-create the model to fine-tune.
+    Works in place and returns the model. See :mod:`epsanet.optimize.transforms`.
+    """
+    model.eval()
+    if not _on_cpu(model, 'optimize_for_inference'):
+        return model
+    fold_batchnorm(model)
+    _swap_psa_layers(model, save_output_for_backward=False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def optimize_for_training(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """The one-line CPU training setting: ``model = epsanet.optimize_for_training(model)``.
+
+    Autotunes the PSA branch convs (forward and both gradients), lets each PSA layer keep its output
+    instead of its branch features for the backward pass and, with ``channels_last``, stores the
+    weights channels_last. Every state-dict key and shape stays as it was, so checkpoints move freely
+    between the plain and the transformed model; outputs, gradients and BatchNorm statistics are the
+    plain model's within float rounding. Works in place (keeping train/eval mode) and returns the model.
+    """
+    if not _on_cpu(model, 'optimize_for_training'):
+        return model
+    _swap_psa_layers(model, save_output_for_backward=True)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def is_optimized(model: nn.Module) -> bool:
+    """Whether a CPU transform has been applied to ``model`` (it holds FastPSA layers)."""
+    return any(isinstance(m, FastPSA) for m in model.modules())

@@ -1,0 +1,115 @@
+"""optimize_for_training / optimize_for_inference against the plain model, with every form the autotuner
+can pick: outputs, input and weight gradients, BatchNorm statistics; and what they keep unchanged."""
+import copy
+import logging
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import epsanet
+from epsanet.optimize import FastPSA, TunedConv2d, autotune, is_optimized
+
+FORCED = [None, 'grouped_nchw,nchw,nchw', 'grouped_cl,cl,cl', 'depthwise_nchw,cl,fft', 'depthwise_cl,nchw,fft']
+
+
+def _model(name='epsanet50', dtype=torch.float64):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).to(dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model
+
+
+def _step(model, x, target):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    F.cross_entropy(out, target).backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize('forced', FORCED, ids=lambda f: f or 'autotuned')
+@pytest.mark.parametrize('name', ['epsanet50', 'epsanet50_large'])
+def test_training_transform_equals_the_plain_model(monkeypatch, forced, name):
+    if forced:
+        monkeypatch.setenv(autotune.ENV_FORMS, forced)
+    plain = _model(name).train()
+    fast = epsanet.optimize_for_training(copy.deepcopy(plain))
+    assert is_optimized(fast) and not is_optimized(plain)
+    assert sum(isinstance(m, TunedConv2d) for m in fast.modules()) == 64
+    x, target = torch.randn(2, 3, 48, 48, dtype=torch.float64), torch.tensor([1, 3])
+    out_a, gx_a = _step(plain, x, target)
+    out_b, gx_b = _step(fast, x, target)
+    tol = dict(atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out_b, out_a, **tol)
+    torch.testing.assert_close(gx_b, gx_a, **tol)
+    grads_b = dict(fast.named_parameters())
+    for k, p in plain.named_parameters():
+        torch.testing.assert_close(grads_b[k].grad, p.grad, **tol, msg=lambda m, k=k: f'{k}: {m}')
+    for (k, a), (_, b) in zip(plain.state_dict().items(), fast.state_dict().items()):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, k=k: f'{k}: {m}')  # BN running statistics
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), **tol)
+        folded = epsanet.optimize_for_inference(copy.deepcopy(plain))
+        torch.testing.assert_close(folded(x), plain(x), **tol)
+        torch.testing.assert_close(folded(x.to(memory_format=torch.channels_last)), plain(x), **tol)
+
+
+def test_float32_transforms_stay_close():
+    plain = _model(dtype=torch.float32).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = plain(x)
+        torch.testing.assert_close(epsanet.optimize_for_training(copy.deepcopy(plain))(x), expected,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(epsanet.optimize_for_inference(copy.deepcopy(plain))(x), expected,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_training_transform_keeps_every_key_and_checkpoints_move_both_ways():
+    plain = _model(dtype=torch.float32)
+    keys = {k: v.shape for k, v in plain.state_dict().items()}
+    fast = epsanet.optimize_for_training(copy.deepcopy(plain))
+    assert {k: v.shape for k, v in fast.state_dict().items()} == keys
+    other = timm.create_model('epsanet50', num_classes=5)
+    other.load_state_dict(fast.state_dict())  # transformed -> plain
+    epsanet.optimize_for_training(other).load_state_dict(plain.state_dict())  # plain -> transformed
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_transform_keeps_the_mode_and_is_idempotent():
+    model = epsanet.optimize_for_training(_model(dtype=torch.float32).eval())
+    assert not model.training
+    again = epsanet.optimize_for_training(model)
+    assert sum(isinstance(m, FastPSA) for m in again.modules()) == 16
+    assert sum(isinstance(m, TunedConv2d) for m in again.modules()) == 64
+
+
+def test_inference_transform_folds_and_cannot_train():
+    model = epsanet.optimize_for_inference(_model(dtype=torch.float32))
+    assert not model.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(m.out_scale is not None for m in model.modules() if isinstance(m, FastPSA))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_not_on_cpu_nothing_changes_and_one_line_says_so(caplog):
+    caplog.set_level(logging.INFO, logger='epsanet.optimize.transforms')
+    model = timm.create_model('epsanet50', device='meta')
+    before = [type(m) for m in model.modules()]
+    epsanet.optimize_for_training(model)
+    assert [type(m) for m in model.modules()] == before
+    epsanet.optimize_for_inference(model)
+    assert [type(m) for m in model.modules()] == before and not model.training
+    assert [r.getMessage() for r in caplog.records] == [
+        f'{fn}: the model is on meta, not the CPU; nothing changed (these transforms are CPU-specific).'
+        for fn in ('optimize_for_training', 'optimize_for_inference')]

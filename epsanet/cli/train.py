@@ -11,7 +11,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         COMMAND, help='fine-tune or train a model on an ImageFolder',
         description='Train on DATA_DIR/train/<class>/<image>, validate on DATA_DIR/val/... each epoch. Flags follow '
-                    "timm's train.py. Multi-GPU: torchrun --nproc_per_node N -m epsanet train ...")
+                    "timm's train.py. Multi-GPU: torchrun --nproc_per_node N -m epsanet train ... "
+                    'SIGINT (Ctrl-C), SIGTERM and SIGUSR1 save the exact position to <output>/last.state.pth and exit '
+                    'with 128 + the signal number (130, 143, 138); --resume auto continues from it.')
     add_config_arguments(parser, TrainConfig)
     return parser
 
@@ -20,12 +22,15 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DataError
     from ..train import TrainConfig, TrainError, train
     from ..train.flags import config_from_args
+    from ..train.interrupt import Interrupted
     from . import CLIError
 
     try:
         result = train(config_from_args(TrainConfig, args))
     except (DataError, TrainError) as e:
         raise CLIError(str(e)) from e
+    except Interrupted as e:  # the trainer logged what it saved and the resume command
+        return e.exit_code
     if result.rank != 0:
         return 0
     if result.best_top1 is not None:

@@ -2,17 +2,21 @@
 
 A run directory holds
 
-* ``last.safetensors``: the latest weights, loadable by timm with
+* ``last.safetensors``: the weights after the last finished epoch, loadable by timm with
   ``timm.create_model(name, pretrained=True, num_classes=n, pretrained_cfg_overlay=dict(file=path, num_classes=n))``;
-* ``last.state.pth``: optimizer, loss scaler, EMA weights, epoch, metrics history: only tensors
-  and plain Python values, read back with ``torch.load(weights_only=True)``;
+* ``last.state.pth``: everything ``--resume`` needs, in one file: weights, optimizer, scheduler,
+  loss scaler, EMA weights, the position (epoch and step), every random generator's state, the
+  metrics history. Written at epoch ends, every ``--checkpoint-interval`` steps and when a signal
+  stops the run; only tensors and plain Python values, read back with ``torch.load(weights_only=True)``;
 * ``best.safetensors``: the weights with the best validation top-1 so far.
 
 Every file is written to a temporary file in the same folder and renamed over the old one, so an
-interrupted write (full disk, power loss) leaves the previous checkpoint intact.
+interrupted write (full disk, power loss, SIGKILL) leaves the previous checkpoint intact; the
+state file is written last, so everything an epoch writes before it is redone on resume.
 """
 import errno
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,11 +27,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .interrupt import pause_point
 
 __all__ = [
     'atomic_write', 'save_weights', 'read_weights_metadata', 'save_state', 'load_state', 'resolve_resume',
-    'WEIGHTS_SUFFIX', 'STATE_SUFFIX',
+    'latest_state', 'remove_stale_temporaries', 'WEIGHTS_SUFFIX', 'STATE_SUFFIX',
 ]
+
+_logger = logging.getLogger(__name__)
 
 WEIGHTS_SUFFIX = '.safetensors'
 STATE_SUFFIX = '.state.pth'
@@ -104,7 +111,11 @@ def read_weights_metadata(path: PathLike) -> Dict[str, Any]:
 
 
 def save_state(path: PathLike, state: Dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: str) -> None:
+        torch.save(state, tmp)
+        pause_point('state-write')  # test hook: a signal or SIGKILL between the write and the rename
+
+    atomic_write(path, write)
 
 
 def load_state(path: PathLike) -> Dict[str, Any]:
@@ -122,7 +133,11 @@ def load_state(path: PathLike) -> Dict[str, Any]:
 
 
 def resolve_resume(path: PathLike) -> Dict[str, Path]:
-    """Accept a run folder, ``<tag>.state.pth`` or ``<tag>.safetensors``; return both file paths."""
+    """Accept a run folder, ``<tag>.state.pth`` or ``<tag>.safetensors``; return both file paths.
+
+    The state file must exist; the weights file is only read for states written before the state held
+    the weights (format 1).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / f'last{STATE_SUFFIX}'
@@ -132,11 +147,41 @@ def resolve_resume(path: PathLike) -> Dict[str, Path]:
     elif name.endswith(WEIGHTS_SUFFIX):
         stem = name[:-len(WEIGHTS_SUFFIX)]
     else:
-        raise CheckpointError(f'--resume expects a run folder, a *{STATE_SUFFIX} or a *{WEIGHTS_SUFFIX} file, '
-                              f'got {path}.')
+        raise CheckpointError(f'--resume expects a run folder, a *{STATE_SUFFIX} file or "auto", got {path}.')
     files = dict(state=path.with_name(stem + STATE_SUFFIX), weights=path.with_name(stem + WEIGHTS_SUFFIX))
-    for f in files.values():
-        if not f.is_file():
-            raise CheckpointError(f'cannot resume: {f} does not exist (a resume needs both {stem}{WEIGHTS_SUFFIX} '
-                                  f'and {stem}{STATE_SUFFIX}).')
+    if not files['state'].is_file():
+        raise CheckpointError(f'cannot resume: {files["state"]} does not exist (it holds what a resume needs; '
+                              '--resume auto starts a new run when a folder has none).')
     return files
+
+
+def latest_state(folder: PathLike) -> Optional[Path]:
+    """The newest readable ``*.state.pth`` in ``folder`` (``None`` when there is none); unreadable ones are
+    skipped with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.glob(f'*{STATE_SUFFIX}') if p.is_file() and not p.name.startswith('.')),
+                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in candidates:
+        try:
+            load_state(path)
+        except CheckpointError as e:
+            _logger.warning('--resume auto: skipping %s: %s', path, e)
+            continue
+        return path
+    return None
+
+
+def remove_stale_temporaries(folder: PathLike, names=(f'last{STATE_SUFFIX}', f'last{WEIGHTS_SUFFIX}',
+                                                      f'best{WEIGHTS_SUFFIX}')) -> int:
+    """Delete the temporary files a killed :func:`atomic_write` of ``names`` left in ``folder``; return how many."""
+    removed = 0
+    for name in names:
+        for tmp in Path(folder).glob(f'.{name}.*.tmp'):
+            _remove(str(tmp))
+            removed += 1
+    if removed:
+        _logger.info('removed %d unfinished temporary files of an interrupted checkpoint write in %s.', removed,
+                     folder)
+    return removed

@@ -109,7 +109,12 @@ class TrainConfig:
     amp_dtype: str = arg('', 'mixed precision dtype (default: float16 on CUDA, bfloat16 otherwise)', R,
                          choices=('float16', 'bfloat16'))
     output: str = arg('', 'run folder (default: output/train/<time>-<model>, or the resumed run\'s folder)', R)
-    resume: str = arg('', 'resume from a run folder or its last.state.pth / last.safetensors', R)
+    resume: str = arg('', 'resume exactly where a run stopped: a run folder or its last.state.pth; "auto": the '
+                          'newest state in --output, or a new run if there is none (what a requeued job needs)', R)
+    checkpoint_interval: int = arg(0, 'also save the resumable state every N optimizer steps (atomically, replacing '
+                                      'the previous one; 0: only at epoch ends and on a stop signal)', R)
+    grace_period: float = arg(25.0, 'seconds to save and exit after SIGINT/SIGTERM/SIGUSR1; when saving takes longer, '
+                                    'exit keeping the last saved state', R)
     seed: int = arg(42, 'random seed', R)
     no_prefetcher: bool = arg(False, 'disable timm\'s GPU prefetcher', R)
     dist_backend: str = arg('', 'torch.distributed backend (default: nccl on CUDA, gloo on CPU)', R)

@@ -8,6 +8,8 @@ loop with checkpoints, metrics, DDP and the error handling a user needs.
 import dataclasses
 import logging
 import math
+import shlex
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -29,30 +31,43 @@ from .checkpoint import (
     STATE_SUFFIX,
     WEIGHTS_SUFFIX,
     atomic_write,
+    latest_state,
     load_state,
     read_weights_metadata,
+    remove_stale_temporaries,
     resolve_resume,
     save_state,
     save_weights,
 )
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, init_distributed
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .factory import build_model
 from .freeze import export_state_dict, freeze_modules
+from .interrupt import GracefulStop, Interrupted, pause_point, signal_name
 from .loaders import autocast_for, data_config_for, eval_loader
 from .metrics import MetricsLog
+from .resume import (
+    broadcast,
+    capture_rng,
+    gather,
+    load_scheduler_state,
+    restore_rng,
+    resumable_loader,
+    scheduler_state,
+)
 from .validate import dataset_from_config, evaluate, verify_images
 
 __all__ = ['Callback', 'TrainResult', 'train']
 
 _logger = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the state holds the weights and the exact position (step, per-rank generators)
 
 
 class Callback:
-    """Hooks into :func:`train`; override what you need. Raising ``KeyboardInterrupt`` acts like Ctrl-C."""
+    """Hooks into :func:`train`; override what you need. Raising ``KeyboardInterrupt`` acts like Ctrl-C (in one
+    process, from ``on_step``, it saves the exact position after that step)."""
 
     def on_step(self, epoch: int, step: int, loss: float, lr: float) -> None:
         """After each optimizer step (``epoch`` and ``step`` count from 0)."""
@@ -92,19 +107,28 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError('give --pretrained or --initial-checkpoint, not both.')
     if len(cfg.scale) != 2 or len(cfg.ratio) != 2:
         raise ConfigError('--scale and --ratio take two numbers each (min max).')
+    if cfg.checkpoint_interval < 0:
+        raise ConfigError(f'--checkpoint-interval must be 0 (off) or a number of steps, got {cfg.checkpoint_interval}.')
+    if not cfg.grace_period > 0:
+        raise ConfigError(f'--grace-period must be a positive number of seconds, got {cfg.grace_period}.')
+    if cfg.resume == 'auto' and not cfg.output:
+        raise ConfigError('--resume auto needs --output: the run folder to look for a saved state in (and to write '
+                          'to).')
 
 
 class _Trainer:
     """State of one run; :func:`train` drives it."""
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: Sequence[Callback],
-                 model: Optional[torch.nn.Module]):
+                 model: Optional[torch.nn.Module], stop: Optional[GracefulStop] = None):
         self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks)
+        self.stop = stop or GracefulStop(cfg.grace_period)  # not entered: signal handlers are train()'s job
         self.device = dist.device
         self.primary = dist.is_primary
         random_seed(cfg.seed, dist.rank)
         self._setup_data()
-        resume_files = resolve_resume(cfg.resume) if cfg.resume else None
+        pause_point('setup')
+        resume_files = self._find_resume()
         self.state = load_state(resume_files['state']) if resume_files else None
         if self.state:
             self._check_resume(resume_files)
@@ -135,6 +159,17 @@ class _Trainer:
         self._log('data: %d train images, %s val images, %d classes', len(self.train_ds),
                   len(self.val_ds) if self.val_ds else 'no', self.num_classes)
 
+    def _find_resume(self) -> Optional[Dict[str, Path]]:
+        cfg = self.cfg
+        if cfg.resume != 'auto':
+            return resolve_resume(cfg.resume) if cfg.resume else None
+        found = broadcast(latest_state(cfg.output) if self.primary else None)  # rank 0 chooses for all
+        if found is None:
+            self._log('--resume auto: no saved state in %s, starting a new run.', cfg.output)
+            return None
+        self._log('--resume auto: resuming from %s.', found)
+        return resolve_resume(found)
+
     def _check_resume(self, files: Dict[str, Path]) -> None:
         state, cfg = self.state, self.cfg
         if state.get('model') != cfg.model or state.get('num_classes') != self.num_classes:
@@ -146,11 +181,31 @@ class _Trainer:
         if list(state.get('classes', self.classes)) != self.classes:
             raise CheckpointError(f'cannot resume from {files["state"]}: its class names differ from the folders of '
                                   f'{self.train_ds.root}.')
-        meta_epoch = read_weights_metadata(files['weights']).get('epoch')
-        if meta_epoch is not None and meta_epoch != state['epoch']:
-            raise CheckpointError(f'{files["weights"]} (epoch {meta_epoch}) and {files["state"]} (epoch '
-                                  f'{state["epoch"]}) do not belong together: the run stopped while saving. '
-                                  'Resume from a folder whose two files match.')
+        if 'model_state' not in state:  # format 1: the weights are in the .safetensors file next to it
+            if not files['weights'].is_file():
+                raise CheckpointError(f'cannot resume: {files["weights"]} does not exist (a resume from an older '
+                                      f'{files["state"].name} needs both files).')
+            meta_epoch = read_weights_metadata(files['weights']).get('epoch')
+            if meta_epoch is not None and meta_epoch != state['epoch']:
+                raise CheckpointError(f'{files["weights"]} (epoch {meta_epoch}) and {files["state"]} (epoch '
+                                      f'{state["epoch"]}) do not belong together: the run stopped while saving. '
+                                      'Resume from a folder whose two files match.')
+        progress = state.get('progress')
+        if progress and isinstance(self.train_ds, torch.utils.data.IterableDataset):
+            raise CheckpointError(f'cannot resume {files["state"]}: it stopped part-way through epoch '
+                                  f'{state["epoch"] + 1}, and streamed training data ({self.train_ds.root}) cannot '
+                                  'start part-way. Resume on the data it was written for, or start a new run from the '
+                                  f'last finished epoch with --initial-checkpoint {files["weights"]}.')
+        if progress:  # stopped part-way through an epoch: the position only means the same with the same set-up
+            then = (progress['world_size'], progress['batch_size'], progress['num_train_images'])
+            now = (self.dist.world_size, cfg.batch_size, len(self.train_ds))
+            if then != now:
+                raise CheckpointError(
+                    f'cannot resume {files["state"]} exactly: it stopped at epoch {state["epoch"] + 1}, step '
+                    f'{state["step"]}, with {then[0]} processes x --batch-size {then[1]} over {then[2]} training '
+                    f'images; this run has {now[0]} x {now[1]} over {now[2]}. Resume with the same processes, '
+                    'batch size and data, or start a new run from the last finished epoch with --initial-checkpoint '
+                    f'{files["weights"]}.')
 
     def _setup_model(self, model: Optional[torch.nn.Module], resume_files) -> None:
         cfg = self.cfg
@@ -168,7 +223,7 @@ class _Trainer:
             model.set_grad_checkpointing(True)
         if self.state:
             from safetensors.torch import load_file
-            weights = load_file(str(resume_files['weights']))
+            weights = self.state.get('model_state') or load_file(str(resume_files['weights']))
             expected = model.state_dict().keys()
             try:
                 model.load_state_dict({k: v for k, v in weights.items() if k in expected}, strict=True)
@@ -211,6 +266,7 @@ class _Trainer:
                 "where PyTorch's CPU bfloat16 grouped-conv backward returns wrong weight gradients. Train in "
                 'float32 (drop --amp) or use --img-size 64 or more.')
         self.start_epoch, self.best_top1, self.best_epoch, rows = 0, None, None, []
+        self.start_step, self.resume_progress = 0, None
         if self.state:
             try:
                 self.optimizer.load_state_dict(self.state['optimizer'])
@@ -220,6 +276,7 @@ class _Trainer:
             if self.scaler is not None and self.state.get('scaler'):
                 self.scaler.load_state_dict(self.state['scaler'])
             self.start_epoch = int(self.state['epoch'])
+            self.start_step, self.resume_progress = int(self.state.get('step', 0)), self.state.get('progress')
             self.best_top1, self.best_epoch = self.state.get('best_top1'), self.state.get('best_epoch')
             rows = list(self.state.get('metrics', []))
         self.metrics_rows = rows
@@ -252,6 +309,11 @@ class _Trainer:
             mean=dc['mean'], std=dc['std'], num_workers=cfg.workers, distributed=self.dist.distributed,
             collate_fn=collate_fn, pin_memory=cfg.pin_mem, device=self.device, use_prefetcher=self.prefetcher,
             persistent_workers=False)  # fresh workers each epoch, seeded per epoch: resumes repeat the same data
+        self.train_loader, self.train_sampler = resumable_loader(self.train_loader, cfg.seed, self.dist.world_size,
+                                                                 self.dist.rank)
+        if self.train_sampler is None and cfg.checkpoint_interval:
+            self._log_warning(f'--checkpoint-interval is ignored: streamed training data ({self.train_ds.root}) '
+                              'resumes from epoch ends only.')
         if len(self.train_loader) == 0:
             per_rank = math.ceil(len(self.train_ds) / self.dist.world_size)
             raise DataError(f'{self.train_ds.root} has {len(self.train_ds)} images ({per_rank} per process), fewer '
@@ -270,9 +332,11 @@ class _Trainer:
         self.updates_per_epoch = len(self.train_loader)
         self.scheduler, self.num_epochs = create_scheduler_v2(
             self.optimizer, **scheduler_kwargs(cfg), updates_per_epoch=self.updates_per_epoch)
-        if self.scheduler is not None and self.start_epoch > 0:
+        if self.scheduler is not None and self.state:
+            if self.state.get('scheduler'):
+                load_scheduler_state(self.scheduler, self.state['scheduler'])
             if cfg.sched_on_updates:
-                self.scheduler.step_update(self.start_epoch * self.updates_per_epoch)
+                self.scheduler.step_update(self.start_epoch * self.updates_per_epoch + self.start_step)
             else:
                 self.scheduler.step(self.start_epoch)
 
@@ -287,6 +351,7 @@ class _Trainer:
             out = Path('output') / 'train' / f'{stamp}-{cfg.model}-{self.data_config["input_size"][-1]}'
         if self.primary:
             out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out)  # left by a process killed while writing a checkpoint
             values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
             text = yaml.safe_dump(values, sort_keys=False)
             atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(text))
@@ -307,21 +372,67 @@ class _Trainer:
                     img_size=dc['input_size'][-1], crop_pct=dc['crop_pct'], interpolation=dc['interpolation'],
                     mean=list(dc['mean']), std=list(dc['std']))
 
-    def save(self, epoch: int, interrupted: Optional[Dict[str, int]] = None) -> Path:
-        """Write ``last.safetensors`` + ``last.state.pth``; ``epoch`` = completed epochs."""
-        weights = self.output / f'last{WEIGHTS_SUFFIX}'
+    def save(self, epoch: int, step: int = 0, progress: Optional[List[Dict[str, Any]]] = None,
+             stopped_by: Optional[int] = None) -> Path:
+        """Write the resumable state ``last.state.pth`` (and at epoch ends ``last.safetensors``).
+
+        ``epoch`` = completed epochs, ``step`` = optimizer steps done in the next one, ``progress`` = what
+        :meth:`_progress` returned at that point (needed when ``step`` > 0).
+        """
         state_path = self.output / f'last{STATE_SUFFIX}'
         if not self.primary:
             return state_path
+        weights = export_state_dict(self.bare_model, self.dropped_buffers)
+        scheduler = scheduler_state(self.scheduler) if self.scheduler is not None else None
         state = dict(
             format=STATE_FORMAT, model=self.cfg.model, num_classes=self.num_classes, classes=self.classes, epoch=epoch,
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
+            step=step, progress=progress, model_state=weights, optimizer=self.optimizer.state_dict(),
+            scheduler=scheduler, scaler=self.scaler.state_dict() if self.scaler else None,
             model_ema=export_state_dict(self.ema.module, self.dropped_buffers) if self.ema else None,
-            best_top1=self.best_top1, best_epoch=self.best_epoch, metrics=self.metrics_rows, interrupted=interrupted)
-        save_weights(weights, export_state_dict(self.bare_model, self.dropped_buffers), self._weights_metadata(epoch))
-        save_state(state_path, state)
-        self.last_good = state_path
+            best_top1=self.best_top1, best_epoch=self.best_epoch, metrics=self.metrics_rows,
+            stopped_by=signal_name(stopped_by) if stopped_by else None)
+        if step == 0:
+            save_weights(self.output / f'last{WEIGHTS_SUFFIX}', weights, self._weights_metadata(epoch))
+        save_state(state_path, state)  # last: the commit point of everything written before it
+        self.last_good = self.stop.last_saved = state_path
+        self.saved_at = (epoch, step)
         return state_path
+
+    def _progress(self, counters: Dict[str, float]) -> Dict[str, Any]:
+        """The position inside an epoch: every process's loss sums and generator states (a collective)."""
+        mine = dict(counters, rng=capture_rng(self.device))
+        return dict(world_size=self.dist.world_size, batch_size=self.cfg.batch_size,
+                    num_train_images=len(self.train_ds), ranks=gather(mine))
+
+    def _continue_epoch(self):
+        """Start the epoch of a run resumed part-way through it where it stopped: skip the steps done, put back
+        the loss sums and generators. Returns ``(first step, loss sum, images seen, start time, skipped images)``."""
+        progress, self.resume_progress = self.resume_progress, None
+        mine = progress['ranks'][self.dist.rank]
+        self.train_sampler.skip = self.start_step * self.cfg.batch_size
+        restore_rng(mine['rng'], self.device)
+        return (self.start_step, mine['loss_sum'], mine['seen'], time.perf_counter() - mine['elapsed'],
+                mine['skipped'])
+
+    def _stop_requested(self) -> int:
+        """The stop signal any process received (0: none); every process gets the same answer."""
+        signum = self.stop.requested() or 0
+        if self.dist.distributed:
+            signum = int(all_reduce_max(torch.tensor(signum, device=self.device)).item())
+        return signum
+
+    def _after_step(self) -> None:
+        """Save every --checkpoint-interval steps, and stop here (saving the exact position) on a signal."""
+        pause_point('step')
+        epoch, steps, counters = self.boundary
+        signum = self._stop_requested()
+        interval = self.cfg.checkpoint_interval
+        path = None
+        exact = self.train_sampler is not None  # streamed data has no position inside an epoch to resume from
+        if exact and (signum or (interval and (epoch * self.updates_per_epoch + steps) % interval == 0)):
+            path = self.save(epoch, steps, self._progress(counters), stopped_by=signum or None)
+        if signum:
+            raise Interrupted(signum, state=path)
 
     # ---- loop --------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> Dict[str, float]:
@@ -332,10 +443,13 @@ class _Trainer:
         self.train_ds.reset_skipped()
         params = [p for p in model.parameters() if p.requires_grad]
         loss_sum, seen, start = 0.0, 0, time.perf_counter()
+        first_step, skipped_before, lr = 0, 0, self.optimizer.param_groups[0]['lr']
+        if self.resume_progress is not None:  # the first epoch of a run resumed part-way through it
+            first_step, loss_sum, seen, start, skipped_before = self._continue_epoch()
         bar = tqdm(self.train_loader, desc=f'epoch {epoch + 1}/{self.num_epochs}', leave=False,
                    disable=not (self.primary and cfg.progress))
-        for step, (images, targets) in enumerate(bar):
-            self.step = step
+        for step, (images, targets) in enumerate(bar, first_step):
+            self.step, self.boundary = step, None
             if not self.prefetcher:
                 images, targets = images.to(self.device), targets.to(self.device)
             if self.mixup_fn is not None:
@@ -364,10 +478,18 @@ class _Trainer:
             lr = self.optimizer.param_groups[0]['lr']
             rate = seen * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f'{value:.4f}', lr=f'{lr:.3g}', img_s=f'{rate:.1f}')
+            # a consistent point: what a stop here saves
+            self.boundary = (epoch, step + 1, dict(loss_sum=loss_sum, seen=seen, elapsed=time.perf_counter() - start,
+                                                   skipped=self.train_ds.num_skipped + skipped_before))
             for cb in self.callbacks:
                 cb.on_step(epoch, step, value, lr)
-        totals = all_reduce_sum(torch.tensor([loss_sum, seen, self.train_ds.num_skipped], dtype=torch.float64,
-                                             device=self.device))
+            self._after_step()
+        # the position a stop during validation saves (a collective, so it is taken now, in every process)
+        self.end_of_steps = (epoch, self.updates_per_epoch, self._progress(dict(
+            loss_sum=loss_sum, seen=seen, elapsed=time.perf_counter() - start,
+            skipped=self.train_ds.num_skipped + skipped_before)))
+        totals = all_reduce_sum(torch.tensor([loss_sum, seen, self.train_ds.num_skipped + skipped_before],
+                                             dtype=torch.float64, device=self.device))
         skipped = int(totals[2].item())
         if skipped:
             self._log_warning(f'{skipped} unreadable training images were skipped in epoch {epoch + 1} (their paths '
@@ -396,6 +518,7 @@ class _Trainer:
     def validate(self) -> Dict[str, Any]:
         if self.val_loader is None:
             return {}
+        pause_point('validate')
         show = self.primary and self.cfg.progress
         out = {}
         m = evaluate(self.model, self.val_loader, self.device, self.num_classes, self.autocast, self.cfg.channels_last,
@@ -419,12 +542,16 @@ class _Trainer:
         self._log('training %s for %d epochs on %s (%d process%s), lr %.3g, output %s', cfg.model, self.num_epochs,
                   self.device, self.dist.world_size, 'es' if self.dist.world_size > 1 else '', self.lr, self.output)
         completed, self.step, self.in_epoch = self.start_epoch, -1, False
+        self.boundary, self.end_of_steps = None, None
+        self.saved_at = (self.start_epoch, self.start_step) if self.state else None
+        self.stop.deferred = True  # from here on a signal stops the run at the next step boundary
         try:
             for epoch in range(self.start_epoch, self.num_epochs):
                 self.step, self.in_epoch = -1, True
                 random_seed((cfg.seed + 1_000_003 * (epoch + 1)) % 2 ** 31, self.dist.rank)
                 row = dict(epoch=epoch + 1, **self.train_epoch(epoch))
-                row.update(self.validate())
+                with self.stop.immediate():  # validation changes no training state: a signal stops it at once
+                    row.update(self.validate())
                 score = row.get('ema_val_top1', row.get('val_top1'))
                 if self.scheduler is not None:
                     self.scheduler.step(epoch + 1, score)
@@ -434,32 +561,72 @@ class _Trainer:
                 self.metrics_rows.append(row)
                 if self.primary:
                     MetricsLog(self.output, self.metrics_rows).write()
-                    self.save(epoch + 1)
                     if is_best:
                         best = self.ema.module if self.ema is not None else self.bare_model
                         meta = dict(self._weights_metadata(epoch + 1), top1=score)
                         save_weights(self.output / f'best{WEIGHTS_SUFFIX}',
                                      export_state_dict(best, self.dropped_buffers), meta)
+                    self.save(epoch + 1)  # after best.safetensors: a kill before the state is written redoes both
                     self._log('epoch %d/%d: %s', epoch + 1, self.num_epochs, _summary(row))
                 completed, self.in_epoch = epoch + 1, False
                 for cb in self.callbacks:
                     cb.on_epoch_end(epoch, row)
-        except KeyboardInterrupt:
-            if self.primary:
-                mid_epoch = self.in_epoch
-                self.metrics_rows[:] = [r for r in self.metrics_rows if r['epoch'] <= completed]
-                where = f'at epoch {completed + 1}, step {self.step + 1}' if mid_epoch else f'after epoch {completed}'
-                stop = dict(epoch=completed + 1, step=self.step + 1) if mid_epoch else dict(epoch=completed, step=0)
-                path = self.save(completed, interrupted=stop)
-                restart = f' (epoch {completed + 1} restarts from its beginning)' if mid_epoch else ''
-                _logger.warning('interrupted %s. Saved %s; resume with the same command plus --resume %s%s.', where,
-                                path, path, restart)
-            raise
+                signum = self._stop_requested()
+                if signum:
+                    raise Interrupted(signum, state=self.last_good)
+        except KeyboardInterrupt as e:
+            stopped = self._stopped(e, completed)
+            if stopped is e:
+                raise
+            raise stopped from e
         result = TrainResult(self.output, self.best_top1, self.best_epoch, len(self.metrics_rows), self.metrics_rows,
                              self.dist.rank)
         if self.best_top1 is not None:
             self._log('best top-1 %.2f%% at epoch %d: %s', self.best_top1, self.best_epoch, result.weights)
         return result
+
+    def _stopped(self, exc: KeyboardInterrupt, completed: int) -> Interrupted:
+        """Save what a stop at this point can save exactly, say how to resume; return the exception to raise."""
+        signum = getattr(exc, 'signum', int(signal.SIGINT))  # a plain KeyboardInterrupt (e.g. from a callback)
+        saved = getattr(exc, 'state', None)
+        target = progress = None
+        exact = self.train_sampler is not None  # streamed data resumes from epoch ends only
+        if exact and self.in_epoch and self.end_of_steps and self.end_of_steps[0] == completed:  # in validation
+            target, progress = self.end_of_steps[:2], self.end_of_steps[2]
+        elif exact and self.in_epoch and self.boundary and saved is None and not self.dist.distributed:
+            target = self.boundary[:2]  # e.g. a KeyboardInterrupt from a callback
+        if target is not None and self.saved_at != target:
+            saved = self.save(*target, progress or self._progress(self.boundary[2]), stopped_by=signum)
+        elif target is not None:
+            saved = self.last_good
+        err = exc if isinstance(exc, Interrupted) else Interrupted(signum)
+        err.state, err.reported = saved, True
+        name = signal_name(signum)
+        if saved is not None and self.saved_at is not None:
+            epoch, step = self.saved_at
+            if step == 0:
+                where = f'after epoch {epoch}'
+            elif step == self.updates_per_epoch:
+                where = f'after the steps of epoch {epoch + 1}, before its validation (which reruns on resume)'
+            else:
+                where = f'at epoch {epoch + 1}, step {step} of {self.updates_per_epoch}'
+            config = shlex.quote(str(self.output / 'args.yaml'))
+            cmd = f'epsanet train --config {config} --resume {shlex.quote(str(saved))}'
+            if self.dist.distributed:
+                cmd = f'torchrun <same options> -m {cmd}'
+            message = (f'stopped by {name} {where}: {saved} holds the exact position. Resume with the same command '
+                       f'plus --resume auto, or: {cmd}')
+        elif self.last_good is not None:
+            message = (f'stopped by {name}; the last saved state is {self.last_good}: resume with --resume auto (or '
+                       f'--resume {self.last_good})')
+        else:
+            message = f'stopped by {name} before anything was saved: run the same command again to start over'
+        if not exact and self.in_epoch:
+            message += (f'. Streamed training data ({self.train_ds.root}) cannot resume part-way through an epoch: '
+                        f'epoch {completed + 1} reruns from its start')
+        err.args = (message,)
+        self._log_warning(f'{message} (exit code {err.exit_code}).')
+        return err
 
 
 def _summary(row: Dict[str, Any]) -> str:
@@ -477,15 +644,25 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), model: Optional[
     Runs as one process, or with DDP when launched by ``torchrun`` (rank 0 logs and writes). Pass
     ``model`` to train a model you built yourself instead of ``timm.create_model(cfg.model)``.
     Raises :class:`~epsanet.data.DataError`, :class:`~epsanet.train.errors.TrainError` subclasses for
-    problems with the input, and re-raises ``KeyboardInterrupt`` after saving a checkpoint.
+    problems with the input. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 stop the run at the next step
+    boundary (at once during set-up and validation), save the exact position to ``last.state.pth``
+    and raise :class:`~epsanet.train.interrupt.Interrupted` (a ``KeyboardInterrupt``); see
+    :mod:`epsanet.train.interrupt`.
     """
     import epsanet  # noqa: F401  (registers the models)
 
     _check_config(cfg)
-    dist = init_distributed(cfg.device, cfg.dist_backend)
-    try:
-        return _Trainer(cfg, dist, callbacks, model).run()
-    finally:
-        if dist.owns_group:
-            torch.distributed.destroy_process_group()
+    with GracefulStop(cfg.grace_period) as stop:
+        dist = init_distributed(cfg.device, cfg.dist_backend)
+        try:
+            return _Trainer(cfg, dist, callbacks, model, stop).run()
+        except Interrupted as e:
+            if not e.reported and dist.is_primary:  # during set-up
+                _logger.warning('stopped by %s during set-up, before training: nothing new was saved; run the same '
+                                'command again (with --resume auto it continues from the newest saved state) '
+                                '(exit code %d).', signal_name(e.signum), e.exit_code)
+            raise
+        finally:
+            if dist.owns_group:
+                torch.distributed.destroy_process_group()
 

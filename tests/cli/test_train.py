@@ -1,10 +1,14 @@
 """``epsanet train`` / ``validate`` / ``extract`` end to end through the command line."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from epsanet.cli import main
 from epsanet.data import write_image_folder
@@ -38,6 +42,8 @@ def test_train_cli_writes_a_run(trained, capsys):
     (['validate', '--data-dir', 'no/such/dir'], 'does not exist'),
     (['extract', '--data-dir', '.', '--output', 'x.csv'], 'give a folder (sharded safetensors), a .npy'),
     (['train'], '--data-dir is required'),
+    (['train', '--data-dir', '.', '--resume', 'auto'], '--resume auto needs --output'),
+    (['train', '--data-dir', '.', '--checkpoint-interval', '-1'], '--checkpoint-interval must be 0 (off)'),
 ])
 def test_user_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -45,21 +51,69 @@ def test_user_errors_are_one_line(argv, message, capsys):
     assert message in err and 'Traceback' not in err
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
+def _torchrun(data, out, *torchrun_args):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *torchrun_args,
+            '-m', 'epsanet', 'train', '--data-dir', str(data), '--output', str(out), '--img-size', '32', '-b', '2',
+            '--epochs', '2', '--workers', '0', '--opt', 'sgd', '--lr', '1e-3', '--warmup-epochs', '0', '--crop-pct',
+            '1', '--no-progress', '--device', 'cpu', '--drop-path', '0.1', '--resume', 'auto', '--checkpoint-interval',
+            '2']
+
+
+# one conv form for all (see tests/train/test_resume_signals.py): two processes must compute identically
+_TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE',
+                     EPSANET_CONV_FORMS='grouped_nchw,nchw,nchw')
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    """An uninterrupted 2-process run: 12 images, 3 steps of 2 per process and epoch, 2 epochs."""
+    root = tmp_path_factory.mktemp('ddp')
     # 3 val images over 2 processes: the second is padded with a repeat that must not be counted
-    data = write_image_folder(tmp_path / 'data', classes=('a', 'b', 'c'), splits={'train': 4, 'val': 1})
-    out = tmp_path / 'ddp'
-    env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           '-m', 'epsanet', 'train', '--data-dir', str(data), '--output', str(out), '--img-size', '32', '-b', '2',
-           '--epochs', '1', '--workers', '0', '--opt', 'sgd', '--lr', '0.01', '--warmup-epochs', '0', '--crop-pct', '1',
-           '--no-progress', '--device', 'cpu']
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    data = write_image_folder(root / 'data', classes=('a', 'b', 'c'), splits={'train': 4, 'val': 1})
+    out = root / 'ddp'
+    proc = subprocess.run(_torchrun(data, out), capture_output=True, text=True, env=_TORCHRUN_ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, out, proc
+
+
+def test_torchrun_two_cpu_processes(ddp_run):
+    _, out, proc = ddp_run
     assert proc.stderr.count('on cpu (2 processes)') == 1  # rank 0 logs alone
     assert proc.stdout.count('Best top-1') == 1
     rows = json.loads((out / 'metrics.json').read_text())
-    assert len(rows) == 1 and round(rows[0]['val_top1'] * 3 / 100, 6) in (0, 1, 2, 3)
+    assert len(rows) == 2 and all(round(r['val_top1'] * 3 / 100, 6) in (0, 1, 2, 3) for r in rows)
     assert sorted(p.name for p in out.iterdir()) == [
         'args.yaml', 'best.safetensors', 'last.safetensors', 'last.state.pth', 'metrics.csv', 'metrics.json',
         'metrics.png']
+
+
+def test_torchrun_restarts_after_a_rank_is_killed_and_resumes_exactly(ddp_run, tmp_path):
+    data, reference, _ = ddp_run
+    out, marker = tmp_path / 'ddp', tmp_path / 'paused'
+    # rank 1 pauses after global step 5 (epoch 2, step 2; the last state is the interval one after step 4) and
+    # is killed there; torchrun restarts both processes with the same command, which resumes from that state
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torch 2.14's torchrun keeps the first attempt's store for the restarted
+    # workers, whose gloo set-up then reads the dead workers' addresses from it (pytorch/pytorch#135712)
+    env = dict(_TORCHRUN_ENV, EPSANET_TEST_PAUSE_AT='step:5@1', EPSANET_TEST_PAUSE_FILE=str(marker),
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+    with open(tmp_path / 'log', 'w') as log:
+        proc = subprocess.Popen(_torchrun(data, out, '--max-restarts', '1'), stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        try:
+            deadline = time.monotonic() + 600
+            while not marker.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / 'log').read_text()[-3000:]
+                time.sleep(0.05)
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+            assert proc.wait(timeout=600) == 0, (tmp_path / 'log').read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = (tmp_path / 'log').read_text()
+    assert '--resume auto: resuming from' in text and str(out / 'last.state.pth') in text
+    got, want = json.loads((out / 'metrics.json').read_text()), json.loads((reference / 'metrics.json').read_text())
+    for row in got + want:
+        row.pop('train_img_per_sec')
+    assert got == want
+    final, expected = load_file(out / 'last.safetensors'), load_file(reference / 'last.safetensors')
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)

@@ -1,5 +1,6 @@
 import argparse
 import errno
+import os
 
 import pytest
 import timm
@@ -52,16 +53,34 @@ def test_state_is_read_without_unpickling_objects(tmp_path):
 
 
 def test_resolve_resume(tmp_path):
-    with pytest.raises(CheckpointError, match='does not exist'):
+    with pytest.raises(CheckpointError, match='last.state.pth does not exist'):
         ckpt.resolve_resume(tmp_path)
     (tmp_path / 'last.state.pth').write_bytes(b'')
-    with pytest.raises(CheckpointError, match='last.safetensors does not exist'):
-        ckpt.resolve_resume(tmp_path / 'last.state.pth')
-    (tmp_path / 'last.safetensors').write_bytes(b'')
-    files = ckpt.resolve_resume(tmp_path)
+    files = ckpt.resolve_resume(tmp_path)  # the state holds the weights: the .safetensors is not needed
     assert files == dict(state=tmp_path / 'last.state.pth', weights=tmp_path / 'last.safetensors')
+    assert ckpt.resolve_resume(tmp_path / 'last.safetensors') == files
     with pytest.raises(CheckpointError, match='expects a run folder'):
         ckpt.resolve_resume(tmp_path / 'model.bin')
+
+
+def test_latest_state_is_the_newest_readable_one(tmp_path):
+    assert ckpt.latest_state(tmp_path / 'missing') is None
+    assert ckpt.latest_state(tmp_path) is None
+    ckpt.save_state(tmp_path / 'old.state.pth', dict(epoch=1, optimizer={}))
+    ckpt.save_state(tmp_path / 'last.state.pth', dict(epoch=2, optimizer={}))
+    os.utime(tmp_path / 'old.state.pth', (1, 1))
+    assert ckpt.latest_state(tmp_path) == tmp_path / 'last.state.pth'
+    (tmp_path / 'last.state.pth').write_bytes(b'truncated')  # unreadable: skipped with a warning
+    assert ckpt.latest_state(tmp_path) == tmp_path / 'old.state.pth'
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
+    ckpt.save_state(tmp_path / 'last.state.pth', dict(epoch=1, optimizer={}))
+    (tmp_path / '.last.state.pth.abc123.tmp').write_bytes(b'half')
+    (tmp_path / '.last.safetensors.x.tmp').write_bytes(b'half')
+    (tmp_path / '.mine.tmp').write_bytes(b'not ours')
+    assert ckpt.remove_stale_temporaries(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.mine.tmp', 'last.state.pth']
 
 
 @pytest.fixture(scope='module')

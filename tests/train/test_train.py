@@ -1,5 +1,10 @@
 """End-to-end runs of :func:`epsanet.train.train` on a tiny generated ImageFolder (32 px, batch 4)."""
+import collections
 import logging
+import os
+import signal
+import threading
+import time
 
 import pytest
 import timm
@@ -7,11 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from epsanet.data import DataError, write_image_folder
+from epsanet.data.synthetic import write_wds
 from epsanet.train import (
     Callback,
     CheckpointError,
+    Interrupted,
     NonFiniteLossError,
     TrainConfig,
+    interrupt,
     parse_config,
     read_weights_metadata,
     train,
@@ -80,25 +88,48 @@ def test_run_writes_checkpoints_metrics_and_plot(full_run, data):
     assert parse_config(TrainConfig, ['--config', str(out / 'args.yaml')]) == _cfg(data, out)
 
 
-def test_resume_repeats_the_uninterrupted_losses(full_run, data, tmp_path):
-    _, losses = full_run
+def _same_weights(a, b):
+    wa, wb = load_file(a / 'last.safetensors'), load_file(b / 'last.safetensors')
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k != 'train_img_per_sec'} for r in rows]
+
+
+def test_resume_after_an_epoch_repeats_the_uninterrupted_run(full_run, data, tmp_path):
+    result, losses = full_run
     first = Recorder(stop_after_epoch=0)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(data, tmp_path), callbacks=[first])
     second = Recorder()
-    result = train(_cfg(data, tmp_path, resume=str(tmp_path)), callbacks=[second])
-    assert [x[:2] for x in first.losses + second.losses] == [x[:2] for x in losses]
-    resumed = [x[2] for x in first.losses + second.losses]
-    assert resumed == pytest.approx([x[2] for x in losses], rel=1e-5, abs=1e-6)
-    assert [r['epoch'] for r in result.metrics] == [1, 2]
+    resumed = train(_cfg(data, tmp_path, resume=str(tmp_path)), callbacks=[second])
+    assert first.losses + second.losses == losses  # exactly
+    assert _without_timing(resumed.metrics) == _without_timing(result.metrics)
+    assert _same_weights(tmp_path, result.output_dir)
 
 
-def test_ctrl_c_mid_epoch_saves_and_says_how_to_resume(data, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
-        train(_cfg(data, tmp_path, epochs=1), callbacks=[Recorder(stop_at_step=(0, 1))])
+def test_ctrl_c_mid_epoch_saves_the_exact_position(full_run, data, tmp_path, caplog):
+    result, losses = full_run
+    first = Recorder(stop_at_step=(0, 1))
+    # with DataLoader workers this time: each sample's augmentation depends on (seed, epoch, sample) only, so
+    # the data equal the reference's (loaded in the main process) and a resume needs no worker state
+    with caplog.at_level(logging.WARNING), pytest.raises(Interrupted) as e:
+        train(_cfg(data, tmp_path, workers=2), callbacks=[first])
+    assert e.value.exit_code == 130 and e.value.state == tmp_path / 'last.state.pth'
     state = load_state(tmp_path / 'last.state.pth')
-    assert state['epoch'] == 0 and state['interrupted'] == dict(epoch=1, step=2)
-    assert 'interrupted at epoch 1, step 2' in caplog.text and '--resume' in caplog.text
+    assert (state['epoch'], state['step'], state['stopped_by']) == (0, 2, 'SIGINT')
+    assert 'stopped by SIGINT at epoch 1, step 2 of 3' in caplog.text and '--resume auto' in caplog.text
+    assert not (tmp_path / 'last.safetensors').exists()  # the weights file is written at epoch ends only
+    # the position only means the same with the same batch size (or processes, or data)
+    with pytest.raises(CheckpointError, match='with 1 processes x --batch-size 4 over 12 training images; this run '
+                                              'has 1 x 2 over 12'):
+        train(_cfg(data, tmp_path, resume='auto', batch_size=2))
+    second = Recorder()
+    resumed = train(_cfg(data, tmp_path, resume='auto', workers=2), callbacks=[second])
+    assert first.losses + second.losses == losses  # no batch trained twice, none skipped, same randomness
+    assert _without_timing(resumed.metrics) == _without_timing(result.metrics)
+    assert _same_weights(tmp_path, result.output_dir)
 
 
 def test_nan_loss_stops_naming_epoch_and_step(data, tmp_path):
@@ -147,3 +178,39 @@ def test_run_options_and_corrupt_images(tmp_path):
     assert torch.isfinite(torch.tensor(result.metrics[0]['train_loss']))
     with pytest.raises(DataError, match='(?s)1 unreadable images.*3.png'):
         train(_cfg(data, tmp_path / 'strict', strict=True))
+
+
+def test_sigterm_during_a_checkpoint_write_finishes_the_write_then_stops(data, tmp_path, monkeypatch):
+    # a real SIGTERM, sent by another thread while the epoch-1 state is written (the write pauses there)
+    marker = tmp_path / 'paused'
+    monkeypatch.setenv('EPSANET_TEST_PAUSE_AT', 'state-write:1')
+    monkeypatch.setenv('EPSANET_TEST_PAUSE_FILE', str(marker))
+    monkeypatch.setattr(interrupt, '_reached', collections.Counter())
+
+    def send():
+        while not marker.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send, daemon=True).start()
+    rec = Recorder()
+    with pytest.raises(Interrupted) as e:
+        train(_cfg(data, tmp_path / 'run'), callbacks=[rec])
+    assert e.value.exit_code == 143 and 'stopped by SIGTERM after epoch 1' in str(e.value)
+    assert max(epoch for epoch, _, _ in rec.losses) == 0  # no step of epoch 2
+    state = load_state(tmp_path / 'run' / 'last.state.pth')  # the write was finished, not cut
+    assert (state['epoch'], state['step']) == (1, 0)
+    assert not list((tmp_path / 'run').glob('.*.tmp'))
+
+
+def test_streamed_data_resumes_from_epoch_ends_and_says_so(tmp_path, caplog):
+    pytest.importorskip('webdataset')
+    src = write_image_folder(tmp_path / 'img', classes=('a', 'b', 'c'), splits={'train': 4})
+    shards = write_wds(src / 'train', tmp_path / 'wds', 'train')
+    cfg = _cfg(shards, tmp_path / 'run', dataset='wds/tiny', val_split='', checkpoint_interval=1)
+    with caplog.at_level(logging.WARNING), pytest.raises(Interrupted) as e:
+        train(cfg, callbacks=[Recorder(stop_at_step=(1, 0))])
+    assert '--checkpoint-interval is ignored' in caplog.text
+    assert 'cannot resume part-way through an epoch: epoch 2 reruns from its start' in str(e.value)
+    state = load_state(tmp_path / 'run' / 'last.state.pth')
+    assert (state['epoch'], state['step']) == (1, 0) and e.value.state is None  # nothing mid-epoch was written

@@ -32,7 +32,9 @@ Measurements:
   spinning is counted too. "vs reference (CPU time)" is the reference's CPU time over ours;
 * peak memory (``measure_memory``): the growth of the resident set size of a *fresh* process
   (``python -m epsanet.benchmark --probe``) over two steps: peak RSS minus the RSS just before
-  the first step. The peak is ``ru_maxrss`` when the steps raised it, else the largest RSS a
+  the first step. One forward and backward pass runs before that (its gradients dropped), so that
+  one-time set-up, such as the autotuner timing the branch forms of a new shape, is not counted.
+  The peak is ``ru_maxrss`` when the steps raised it, else the largest RSS a
   thread sampling ``/proc/self/statm`` every 0.5 ms saw (Linux only). glibc is told to serve
   every allocation over 64 KiB with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed tensors
   leave the RSS at once and the number tracks live tensor memory. It covers activations,
@@ -375,6 +377,20 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
+def _one_time_setup(model: nn.Module, setting: Setting) -> None:
+    """One forward (and backward) pass before the measured steps, its gradients dropped: set-up done once
+    per process, such as the autotuner timing the branch forms of a new input shape, is not counted."""
+    x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size)
+    x = x.contiguous(memory_format=MEMORY_FORMATS[setting.memory_format])
+    with _autocast(setting.dtype):
+        if setting.mode == 'infer':
+            with torch.inference_mode():
+                model(x)
+            return
+        model(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
 def _probe(spec: Dict[str, Any]) -> Dict[str, float]:
     """Body of the ``--probe`` subprocess: build one candidate, run steps, report the RSS peak."""
     import timm
@@ -393,7 +409,9 @@ def _probe(spec: Dict[str, Any]) -> Dict[str, float]:
             model = optimized_for(model, spec['setting']['mode'])
     if spec.get('grad_checkpointing'):
         model.set_grad_checkpointing(True)
-    step, model = _make_step(model, Setting(**spec['setting']), False, seed=0)
+    setting = Setting(**spec['setting'])
+    step, model = _make_step(model, setting, False, seed=0)
+    _one_time_setup(model, setting)
     before = _rss_bytes()
     max_before = _max_rss_bytes()
     sampled = [before]

@@ -14,10 +14,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from timm.data.distributed_sampler import OrderedDistributedSampler
-from tqdm import tqdm
-
 from ..data import DataError, ImageFolder, split_dir
 from ..data.folder import unreadable_error
+from ..progress import DEFAULT_LOG_INTERVAL
+from ..progress import progress as progress_bar
 from .checkpoint import atomic_write, read_weights_metadata
 from .errors import ConfigError
 from .factory import build_model
@@ -49,6 +49,7 @@ def evaluate(
         confusion: bool = False,
         progress: bool = True,
         desc: str = 'validate',
+        log_interval: float = DEFAULT_LOG_INTERVAL,
 ) -> Dict[str, Any]:
     """Top-1, top-5 (top-k with k = min(5, classes)), mean loss, img/s, sample count over ``loader``.
 
@@ -66,7 +67,7 @@ def evaluate(
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
     start = time.perf_counter()
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, targets in progress_bar(loader, desc=desc, unit='batch', enabled=progress, log_interval=log_interval):
         images, targets = images.to(device), targets.to(device)
         keep = len(targets) if valid is None else max(0, min(len(targets), valid - seen))
         seen += len(targets)

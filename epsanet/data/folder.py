@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
 from ..progress import progress as progress_bar
 from .image import UNREADABLE_ERRORS, load_image
 

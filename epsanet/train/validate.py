@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from timm.data.distributed_sampler import OrderedDistributedSampler
+
 from ..data import DataError, ImageFolder, split_dir
 from ..data.folder import unreadable_error
 from ..progress import DEFAULT_LOG_INTERVAL

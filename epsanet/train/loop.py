@@ -21,9 +21,9 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..data import DataError, ImageFolder, check_same_classes, split_dir
+from ..progress import progress
 from .checkpoint import (
     STATE_SUFFIX,
     WEIGHTS_SUFFIX,
@@ -41,6 +41,8 @@ from .factory import build_model
 from .freeze import export_state_dict, freeze_modules
 from .loaders import autocast_for, data_config_for, eval_loader
 from .metrics import MetricsLog
+from .precise_bn import recalibrate_bn
+from .recipe import apply_recipe, model_img_size, summarize
 from .validate import evaluate, verify_images
 
 __all__ = ['Callback', 'TrainResult', 'train']
@@ -89,7 +91,7 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f'mixup/cutmix need an even --batch-size, got {cfg.batch_size}.')
     if cfg.pretrained and cfg.initial_checkpoint:
         raise ConfigError('give --pretrained or --initial-checkpoint, not both.')
-    if len(cfg.scale) != 2 or len(cfg.ratio) != 2:
+    if (cfg.scale is not None and len(cfg.scale) != 2) or len(cfg.ratio) != 2:
         raise ConfigError('--scale and --ratio take two numbers each (min max).')
 
 
@@ -103,6 +105,7 @@ class _Trainer:
         self.primary = dist.is_primary
         random_seed(cfg.seed, dist.rank)
         self._setup_data()
+        self._pick_recipe(model)
         resume_files = resolve_resume(cfg.resume) if cfg.resume else None
         self.state = load_state(resume_files['state']) if resume_files else None
         if self.state:
@@ -131,6 +134,15 @@ class _Trainer:
                               'folders; drop --num-classes to use the folders.')
         self._log('data: %d train images, %s val images, %d classes', len(self.train_ds),
                   len(self.val_ds) if self.val_ds else 'no', self.num_classes)
+
+    def _pick_recipe(self, model: Optional[torch.nn.Module]) -> None:
+        """Fill the fields left at ``None`` (:data:`~epsanet.train.recipe.AUTO_FIELDS`) from the data."""
+        cfg = self.cfg
+        img_size = cfg.img_size or model_img_size(model if model is not None else cfg.model)
+        summary = summarize([path for path, _ in self.train_ds.samples], self.num_classes)
+        self.cfg, line = apply_recipe(cfg, summary, img_size)
+        if line:
+            self._log('%s', line)
 
     def _check_resume(self, files: Dict[str, Path]) -> None:
         state, cfg = self.state, self.cfg
@@ -327,8 +339,8 @@ class _Trainer:
         self.train_ds.reset_skipped()
         params = [p for p in model.parameters() if p.requires_grad]
         loss_sum, seen, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f'epoch {epoch + 1}/{self.num_epochs}', leave=False,
-                   disable=not (self.primary and cfg.progress))
+        bar = progress(self.train_loader, desc=f'epoch {epoch + 1}/{self.num_epochs}', unit='batch',
+                       enabled=self.primary and cfg.progress, log_interval=cfg.log_interval)
         for step, (images, targets) in enumerate(bar):
             self.step = step
             if not self.prefetcher:
@@ -393,12 +405,15 @@ class _Trainer:
             return {}
         show = self.primary and self.cfg.progress
         out = {}
+        if self.cfg.bn_recalibrate:
+            recalibrate_bn(self.bare_model, self.train_loader, self.device, self.autocast, self.cfg.channels_last,
+                           self.dist.distributed)
         m = evaluate(self.model, self.val_loader, self.device, self.num_classes, self.autocast, self.cfg.channels_last,
-                     progress=show)
+                     progress=show, log_interval=self.cfg.log_interval)
         out.update(val_loss=m['loss'], val_top1=m['top1'], val_top5=m['top5'])
         if self.ema is not None:
             m = evaluate(self.ema.module, self.val_loader, self.device, self.num_classes, self.autocast,
-                         self.cfg.channels_last, progress=show, desc='validate EMA')
+                         self.cfg.channels_last, progress=show, desc='validate EMA', log_interval=self.cfg.log_interval)
             out.update(ema_val_loss=m['loss'], ema_val_top1=m['top1'], ema_val_top5=m['top5'])
         skipped = int(all_reduce_sum(torch.tensor(self.val_ds.num_skipped, device=self.device)).item())
         self.val_ds.reset_skipped()

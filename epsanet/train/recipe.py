@@ -8,16 +8,16 @@ images of their own, where those defaults are slow and erratic (measured with
 benchmark (three sets of 150 images at 32-48 px, 12 epochs, AdamW):
 
 * ``scale``: below :data:`LARGE_DATA` training images, no random-resized crop (the whole image, flipped):
-  crops of 50-100% of the image gained 10 points on one set but lost 25 on another (digits, whose
-  strokes fill the frame), 80-100% still lost about 10 there; timm's 8-100% from :data:`LARGE_DATA` on;
+  crops of 50-100% of the image gained 7 points on one set (photos) but lost 21-31 on another (digits,
+  whose strokes fill the frame), 80-100% still lost 14 there; timm's 8-100% from :data:`LARGE_DATA` on;
 * ``color_jitter``: none for grey images (jitter only changes their brightness and contrast) and below
   :data:`LARGE_DATA` images; timm's 0.4 for large colour sets;
 * ``crop_pct``: 1.0 (resize, no centre crop at evaluation) at :data:`NO_CROP_MAX_SIZE` px and below,
   where a crop throws away a quarter of the few pixels there are; the model's 0.875 above;
-* ``smoothing``: timm's 0.1;
-* ``warmup_epochs``: a tenth of the epochs (at least 1), at most timm's 5; ``sched_on_updates`` when
-  there is a warm-up, so that the lr ramps up step by step: per epoch, timm holds the whole first
-  epoch at ``--warmup-lr`` (1e-5), an epoch that learns nothing;
+* ``smoothing`` and ``warmup_epochs``: none below :data:`LARGE_DATA` images (on digits, 12 epochs: label
+  smoothing 0.1 cost 4 points, 2 warm-up epochs 8); above, timm's 0.1 and a tenth of the epochs (1 to 5);
+* ``sched_on_updates`` when there is a warm-up, so that the lr ramps up step by step: per epoch, timm
+  holds the whole first epoch at ``--warmup-lr`` (1e-5), an epoch that learns nothing;
 * ``bn_recalibrate``: below :data:`LARGE_DATA` images, BatchNorm statistics are recomputed before each
   validation (:mod:`epsanet.train.precise_bn`): with a handful of steps per epoch the running averages
   lag behind the weights and validation sat at chance for epochs while the training loss fell.
@@ -103,10 +103,15 @@ def pick_recipe(data: DataSummary, img_size: int, epochs: int,
         why['crop_pct'] = f'no eval centre crop ({img_size} px <= {NO_CROP_MAX_SIZE})'
     else:
         values['crop_pct'], why['crop_pct'] = None, f"the model's eval centre crop ({img_size} px)"
-    values['smoothing'], why['smoothing'] = SMOOTHING, f'label smoothing {SMOOTHING:g}'
-    warmup = min(MAX_WARMUP_EPOCHS, max(1, math.ceil(epochs / 10)))
-    values['warmup_epochs'] = warmup
-    why['warmup_epochs'] = f'{warmup} warm-up epoch{"s" if warmup > 1 else ""} ({epochs} epochs)'
+    if small:
+        values['smoothing'], why['smoothing'] = 0.0, f'no label smoothing ({size})'
+        values['warmup_epochs'], why['warmup_epochs'] = 0, f'no warm-up ({size})'
+    else:
+        values['smoothing'], why['smoothing'] = SMOOTHING, f'label smoothing {SMOOTHING:g}'
+        warmup = min(MAX_WARMUP_EPOCHS, max(1, math.ceil(epochs / 10)))
+        values['warmup_epochs'] = warmup
+        why['warmup_epochs'] = f'{warmup} warm-up epoch{"s" if warmup > 1 else ""} ({epochs} epochs)'
+    warmup = values['warmup_epochs']
     warmup = warmup if warmup_epochs is None else warmup_epochs
     values['sched_on_updates'] = warmup > 0
     why['sched_on_updates'] = ('lr updated every step (the warm-up ramps up instead of holding the first epoch at '

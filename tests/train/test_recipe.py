@@ -17,15 +17,15 @@ CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
 
 def test_small_grey_low_resolution():
     values, why = pick_recipe(DataSummary(num_images=150, num_classes=3, grey=True), img_size=48, epochs=12)
-    assert values == dict(scale=(1.0, 1.0), color_jitter=0.0, crop_pct=1.0, smoothing=0.1, warmup_epochs=2,
-                          sched_on_updates=True, bn_recalibrate=True)
+    assert values == dict(scale=(1.0, 1.0), color_jitter=0.0, crop_pct=1.0, smoothing=0.0, warmup_epochs=0,
+                          sched_on_updates=False, bn_recalibrate=True)
     assert len(why) == len(AUTO_FIELDS) and 'grey' in why[1] and '48 px' in why[2]
 
 
 def test_small_colour_at_224_keeps_the_models_eval_crop():
     values, _ = pick_recipe(DataSummary(num_images=2000, num_classes=5, grey=False), img_size=224, epochs=30)
-    assert values == dict(scale=(1.0, 1.0), color_jitter=0.0, crop_pct=None, smoothing=0.1, warmup_epochs=3,
-                          sched_on_updates=True, bn_recalibrate=True)
+    assert values == dict(scale=(1.0, 1.0), color_jitter=0.0, crop_pct=None, smoothing=0.0, warmup_epochs=0,
+                          sched_on_updates=False, bn_recalibrate=True)
 
 
 def test_large_colour_set_gets_timms_imagenet_augmentation():
@@ -37,19 +37,21 @@ def test_large_colour_set_gets_timms_imagenet_augmentation():
 
 
 @pytest.mark.parametrize('epochs, warmup', [(1, 1), (6, 1), (12, 2), (30, 3), (300, 5)])
-def test_warmup_is_a_tenth_of_the_epochs(epochs, warmup):
-    values, _ = pick_recipe(DataSummary(100, 2, False), img_size=32, epochs=epochs)
-    assert values['warmup_epochs'] == warmup
+def test_warmup_is_a_tenth_of_the_epochs_on_large_sets(epochs, warmup):
+    values, _ = pick_recipe(DataSummary(20_000, 2, False), img_size=32, epochs=epochs)
+    assert values['warmup_epochs'] == warmup and values['sched_on_updates'] is True
+    assert pick_recipe(DataSummary(9_999, 2, False), img_size=32, epochs=epochs)[0]['warmup_epochs'] == 0
 
 
 def test_given_values_win_and_the_line_names_only_what_was_picked():
     data = DataSummary(num_images=150, num_classes=3, grey=True)
-    cfg, line = apply_recipe(TrainConfig(epochs=12, scale=(0.08, 1.0), smoothing=0.0), data, img_size=32)
-    assert cfg.scale == (0.08, 1.0) and cfg.smoothing == 0.0  # given
-    assert (cfg.color_jitter, cfg.crop_pct, cfg.warmup_epochs) == (0.0, 1.0, 2)  # picked
+    cfg, line = apply_recipe(TrainConfig(epochs=12, scale=(0.08, 1.0), smoothing=0.2, warmup_epochs=3), data,
+                             img_size=32)
+    assert cfg.scale == (0.08, 1.0) and cfg.smoothing == 0.2 and cfg.warmup_epochs == 3  # given
+    assert (cfg.color_jitter, cfg.crop_pct, cfg.sched_on_updates) == (0.0, 1.0, True)  # picked, for the given warm-up
     assert line.startswith('recipe for 150 grey images, 3 classes, 32 px:') and line.count('\n') == 0
-    assert 'no colour jitter (grey images)' in line and '--color-jitter --crop-pct --warmup-epochs' in line
-    assert 'scale' not in line.split(':', 1)[1].split('.')[0] and 'smoothing' not in line
+    assert 'no colour jitter (grey images)' in line and '--color-jitter --crop-pct --sched-on-updates' in line
+    assert 'random crop' not in line and 'smoothing' not in line and 'warm-up epoch' not in line
 
 
 def test_flags_and_config_files_win(tmp_path):
@@ -122,12 +124,12 @@ def test_training_logs_the_picked_recipe_once_and_saves_it(tmp_path, caplog):
                                workers=0, opt='sgd', lr=0.01, progress=False, smoothing=0.0))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('recipe for')]
     assert lines == ['recipe for 8 colour images, 2 classes, 32 px: no random crop (8 images < 10000), no colour '
-                     'jitter (8 images < 10000), no eval centre crop (32 px <= 64), 1 warm-up epoch (1 epochs), lr '
-                     'updated every step (the warm-up ramps up instead of holding the first epoch at --warmup-lr), '
-                     'BatchNorm statistics recomputed before each validation. Set --scale --color-jitter --crop-pct '
-                     '--warmup-epochs --sched-on-updates --bn-recalibrate (or --config) to choose.']
+                     'jitter (8 images < 10000), no eval centre crop (32 px <= 64), no warm-up (8 images < 10000), lr '
+                     'updated every epoch, BatchNorm statistics recomputed before each validation. Set --scale '
+                     '--color-jitter --crop-pct --warmup-epochs --sched-on-updates --bn-recalibrate (or --config) to '
+                     'choose.']
     saved = yaml.safe_load((result.output_dir / 'args.yaml').read_text())
     assert (saved['scale'], saved['color_jitter'], saved['crop_pct'], saved['warmup_epochs']) == ([1.0, 1.0], 0.0,
-                                                                                                  1.0, 1)
-    assert saved['sched_on_updates'] is True and saved['bn_recalibrate'] is True
+                                                                                                  1.0, 0)
+    assert saved['sched_on_updates'] is False and saved['bn_recalibrate'] is True
     assert saved['smoothing'] == 0.0

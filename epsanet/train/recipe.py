@@ -111,8 +111,7 @@ def pick_recipe(data: DataSummary, img_size: int, epochs: int,
         warmup = min(MAX_WARMUP_EPOCHS, max(1, math.ceil(epochs / 10)))
         values['warmup_epochs'] = warmup
         why['warmup_epochs'] = f'{warmup} warm-up epoch{"s" if warmup > 1 else ""} ({epochs} epochs)'
-    warmup = values['warmup_epochs']
-    warmup = warmup if warmup_epochs is None else warmup_epochs
+    warmup = values['warmup_epochs'] if warmup_epochs is None else warmup_epochs
     values['sched_on_updates'] = warmup > 0
     why['sched_on_updates'] = ('lr updated every step (the warm-up ramps up instead of holding the first epoch at '
                                '--warmup-lr)' if warmup > 0 else 'lr updated every epoch')

@@ -59,6 +59,7 @@ class LogProgress:
         self.n = 0
         self.postfix: Dict[str, Any] = {}
         self._start = self._last = time.monotonic()
+        self._logged_n = 0  # n at the last line written
         self._closed = False
 
     def __iter__(self) -> Iterator:
@@ -84,7 +85,7 @@ class LogProgress:
         self.n += n
         now = time.monotonic()
         if now - self._last >= self.log_interval:
-            self._last = now
+            self._last, self._logged_n = now, self.n
             self.logger.info(self.line())
 
     def set_postfix(self, ordered_dict: Optional[Dict[str, Any]] = None, refresh: bool = True, **kwargs: Any) -> None:
@@ -110,7 +111,7 @@ class LogProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self.n:
+            if self.n and self.n != self._logged_n:  # not twice the same line
                 self.logger.info(self.line())
 
 

@@ -10,7 +10,7 @@ def test_log_progress_writes_plain_lines(caplog):
     items = list(LogProgress(range(5), desc='epoch 1/2', unit='img', log_interval=0))
     assert items == [0, 1, 2, 3, 4]
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 6  # one per update (interval 0) and the closing line
+    assert len(lines) == 5  # one per update (interval 0); the closing line would repeat the last one
     assert lines[-1].startswith('epoch 1/2: 5/5 (100%)') and 'img/s' in lines[-1]
     assert not any('\r' in line for line in lines)
 
@@ -42,3 +42,13 @@ def test_disabled_progress_is_silent(caplog):
     caplog.set_level(logging.INFO, logger='epsanet.progress')
     assert list(progress(range(3), enabled=False)) == [0, 1, 2]
     assert not caplog.records
+
+
+def test_closing_line_after_unlogged_updates(caplog):
+    caplog.set_level(logging.INFO, logger='epsanet.progress')
+    bar = LogProgress(total=3, desc='v', log_interval=0)
+    bar.update()
+    bar.log_interval = 3600
+    bar.update(2)
+    bar.close()
+    assert [r.getMessage().split(',')[0] for r in caplog.records] == ['v: 1/3 (33%)', 'v: 3/3 (100%)']

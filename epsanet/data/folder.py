@@ -14,9 +14,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from tqdm import tqdm
 
 from ..errors import EpsanetError
+from ..progress import progress as progress_bar
 from .image import UNREADABLE_ERRORS, load_image
 
 __all__ = [
@@ -221,7 +221,7 @@ def verify_files(paths: Sequence[PathLike], desc: str = 'checking images',
                  progress: bool = True) -> List[Tuple[str, str]]:
     """Decode every image once; return ``(path, reason)`` for those that fail."""
     bad = []
-    for path in tqdm(paths, desc=desc, disable=not progress, leave=False):
+    for path in progress_bar(paths, desc=desc, unit='img', enabled=progress):
         try:
             load_image(path)
         except UNREADABLE_ERRORS as e:

@@ -17,7 +17,11 @@ D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisati
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted."""
+    """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted.
+
+    The fields of :data:`epsanet.train.recipe.AUTO_FIELDS` default to ``None``: training picks them from
+    the data (:mod:`epsanet.train.recipe`) and logs what it picked; any value given wins.
+    """
     # data
     data_dir: str = arg('', 'ImageFolder root holding <train-split>/<class>/<image> and <val-split>/...', D)
     train_split: str = arg('train', 'name of the training subfolder', D)
@@ -35,7 +39,8 @@ class TrainConfig:
     initial_checkpoint: str = arg('', 'start from this weights file (.safetensors, timm or authors\' .pth)', M)
     num_classes: Optional[int] = arg(None, 'number of classes (default: the number of class folders)', M)
     img_size: Optional[int] = arg(None, 'input image size (default: the model\'s, 224)', M)
-    crop_pct: Optional[float] = arg(None, 'evaluation centre-crop fraction (default: the model\'s, 0.875)', M)
+    crop_pct: Optional[float] = arg(None, 'evaluation centre-crop fraction (default: picked from the data; see the '
+                                          '"recipe for" log line)', M)
     mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean per channel (default: the model\'s)', M,
                                             metavar='MEAN')
     std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std per channel (default: the model\'s)', M,
@@ -51,16 +56,19 @@ class TrainConfig:
     cpu_optimize: bool = arg(True, 'on CPU, train after epsanet.optimize_for_training (PSA convs in the forms measured '
                                    'fastest on this CPU, channels_last weights; same numbers, same checkpoint keys)', M)
     sync_bn: bool = arg(False, 'synchronise BatchNorm statistics across GPUs (distributed runs on CUDA)', M)
+    bn_recalibrate: Optional[bool] = arg(None, 'recompute BatchNorm statistics over the training images before each '
+                                               'validation (default: picked from the data)', M)
     # augmentation and regularisation
-    scale: Tuple[float, ...] = arg((0.08, 1.0), 'random-resized-crop area range', A, metavar='PCT')
+    scale: Optional[Tuple[float, ...]] = arg(None, 'random-resized-crop area range (default: picked from the data)',
+                                             A, metavar='PCT')
     ratio: Tuple[float, ...] = arg((3. / 4., 4. / 3.), 'random-resized-crop aspect ratio range', A, metavar='RATIO')
     hflip: float = arg(0.5, 'horizontal flip probability', A)
     vflip: float = arg(0.0, 'vertical flip probability', A)
-    color_jitter: float = arg(0.4, 'colour jitter factor', A)
+    color_jitter: Optional[float] = arg(None, 'colour jitter factor (default: picked from the data)', A)
     aa: Optional[str] = arg(None, 'AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5', A)
     reprob: float = arg(0.0, 'random erasing probability', A)
     train_interpolation: str = arg('random', 'training resize interpolation', A)
-    smoothing: float = arg(0.1, 'label smoothing', A)
+    smoothing: Optional[float] = arg(None, 'label smoothing (default: picked from the data)', A)
     mixup: float = arg(0.0, 'mixup alpha (mixup is on when > 0)', A)
     cutmix: float = arg(0.0, 'cutmix alpha (cutmix is on when > 0)', A)
     mixup_prob: float = arg(1.0, 'probability of mixup or cutmix per batch', A)
@@ -91,13 +99,14 @@ class TrainConfig:
                                  'optimizers, else linear)', S)
     sched: str = arg('cosine', 'lr schedule', S, choices=('cosine', 'step', 'multistep', 'plateau', 'tanh', 'poly',
                                                          'wsd', 'constant', 'none'))
-    sched_on_updates: bool = arg(False, 'update the lr every step instead of every epoch', S)
+    sched_on_updates: Optional[bool] = arg(None, 'update the lr every step instead of every epoch (default: every '
+                                                 'step when there is a warm-up)', S)
     epochs: int = arg(300, 'number of epochs', S)
     decay_epochs: float = arg(90, 'epochs between lr decays (step schedule)', S)
     decay_milestones: Tuple[int, ...] = arg((90, 180, 270), 'epochs of lr decay (multistep schedule)', S,
                                             metavar='EPOCH')
     decay_rate: float = arg(0.1, 'lr decay factor', S)
-    warmup_epochs: int = arg(5, 'linear warmup epochs', S)
+    warmup_epochs: Optional[int] = arg(None, 'linear warmup epochs (default: picked from --epochs)', S)
     warmup_lr: float = arg(1e-5, 'lr at the start of warmup', S)
     warmup_prefix: bool = arg(False, 'exclude warmup from the decay schedule', S)
     min_lr: float = arg(0.0, 'lower lr bound for cyclic schedules', S)
@@ -119,3 +128,5 @@ class TrainConfig:
     no_prefetcher: bool = arg(False, 'disable timm\'s GPU prefetcher', R)
     dist_backend: str = arg('', 'torch.distributed backend (default: nccl on CUDA, gloo on CPU)', R)
     progress: bool = arg(True, 'show progress bars', R)
+    log_interval: float = arg(30.0, 'seconds between progress lines when stderr is not a terminal (a file or pipe: '
+                                    'plain lines instead of bars)', R)

@@ -59,7 +59,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: Type[Any]) -> Non
         tp, is_seq = _base_type(field, hints)
         kw: Dict[str, Any] = dict(dest=field.name, help=meta.get('help', ''), default=argparse.SUPPRESS)
         if tp is bool and not is_seq:
-            kw['action'] = argparse.BooleanOptionalAction if default else 'store_true'
+            # --no-FLAG too when the default is True or None (None: picked at run time, see epsanet.train.recipe)
+            kw['action'] = argparse.BooleanOptionalAction if default or default is None else 'store_true'
         else:
             kw['type'] = tp
             if is_seq:

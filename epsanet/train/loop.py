@@ -23,10 +23,10 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..data import DataError, check_same_classes
 from ..optimize import optimize_for_training
+from ..progress import progress
 from .checkpoint import (
     STATE_SUFFIX,
     WEIGHTS_SUFFIX,
@@ -47,6 +47,8 @@ from .freeze import export_state_dict, freeze_modules
 from .interrupt import GracefulStop, Interrupted, pause_point, signal_name
 from .loaders import autocast_for, data_config_for, eval_loader
 from .metrics import MetricsLog
+from .precise_bn import recalibrate_bn
+from .recipe import apply_recipe, model_img_size, summarize
 from .resume import (
     broadcast,
     capture_rng,
@@ -105,7 +107,7 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f'mixup/cutmix need an even --batch-size, got {cfg.batch_size}.')
     if cfg.pretrained and cfg.initial_checkpoint:
         raise ConfigError('give --pretrained or --initial-checkpoint, not both.')
-    if len(cfg.scale) != 2 or len(cfg.ratio) != 2:
+    if (cfg.scale is not None and len(cfg.scale) != 2) or len(cfg.ratio) != 2:
         raise ConfigError('--scale and --ratio take two numbers each (min max).')
     if cfg.checkpoint_interval < 0:
         raise ConfigError(f'--checkpoint-interval must be 0 (off) or a number of steps, got {cfg.checkpoint_interval}.')
@@ -127,6 +129,7 @@ class _Trainer:
         self.primary = dist.is_primary
         random_seed(cfg.seed, dist.rank)
         self._setup_data()
+        self._pick_recipe(model)
         pause_point('setup')
         resume_files = self._find_resume()
         self.state = load_state(resume_files['state']) if resume_files else None
@@ -169,6 +172,20 @@ class _Trainer:
             return None
         self._log('--resume auto: resuming from %s.', found)
         return resolve_resume(found)
+
+    def _pick_recipe(self, model: Optional[torch.nn.Module]) -> None:
+        """Fill the fields left at ``None`` (:data:`~epsanet.train.recipe.AUTO_FIELDS`) from the data."""
+        cfg = self.cfg
+        img_size = cfg.img_size or model_img_size(model if model is not None else cfg.model)
+        samples = getattr(self.train_ds, 'samples', None)
+        if samples is not None and all(isinstance(s, (tuple, list)) and isinstance(s[0], str) for s in samples[:1]):
+            summary = summarize([path for path, _ in samples], self.num_classes)
+        else:  # a source without file paths (an archive, hfds/, wds/): its size only (unknown: taken as large)
+            size = len(self.train_ds) if hasattr(self.train_ds, '__len__') else None
+            summary = summarize([], self.num_classes, num_images=size if size is not None else 10 ** 9)
+        self.cfg, line = apply_recipe(cfg, summary, img_size)
+        if line:
+            self._log('%s', line)
 
     def _check_resume(self, files: Dict[str, Path]) -> None:
         state, cfg = self.state, self.cfg
@@ -446,8 +463,8 @@ class _Trainer:
         first_step, skipped_before, lr = 0, 0, self.optimizer.param_groups[0]['lr']
         if self.resume_progress is not None:  # the first epoch of a run resumed part-way through it
             first_step, loss_sum, seen, start, skipped_before = self._continue_epoch()
-        bar = tqdm(self.train_loader, desc=f'epoch {epoch + 1}/{self.num_epochs}', leave=False,
-                   disable=not (self.primary and cfg.progress))
+        bar = progress(self.train_loader, desc=f'epoch {epoch + 1}/{self.num_epochs}', unit='batch',
+                       enabled=self.primary and cfg.progress, log_interval=cfg.log_interval)
         for step, (images, targets) in enumerate(bar, first_step):
             self.step, self.boundary = step, None
             if not self.prefetcher:
@@ -521,12 +538,15 @@ class _Trainer:
         pause_point('validate')
         show = self.primary and self.cfg.progress
         out = {}
+        if self.cfg.bn_recalibrate:
+            recalibrate_bn(self.bare_model, self.train_loader, self.device, self.autocast, self.cfg.channels_last,
+                           self.dist.distributed)
         m = evaluate(self.model, self.val_loader, self.device, self.num_classes, self.autocast, self.cfg.channels_last,
-                     progress=show)
+                     progress=show, log_interval=self.cfg.log_interval)
         out.update(val_loss=m['loss'], val_top1=m['top1'], val_top5=m['top5'])
         if self.ema is not None:
             m = evaluate(self.ema.module, self.val_loader, self.device, self.num_classes, self.autocast,
-                         self.cfg.channels_last, progress=show, desc='validate EMA')
+                         self.cfg.channels_last, progress=show, desc='validate EMA', log_interval=self.cfg.log_interval)
             out.update(ema_val_loss=m['loss'], ema_val_top1=m['top1'], ema_val_top5=m['top5'])
         skipped = int(all_reduce_sum(torch.tensor(self.val_ds.num_skipped, device=self.device)).item())
         self.val_ds.reset_skipped()

@@ -18,6 +18,7 @@ from timm.data.distributed_sampler import OrderedDistributedSampler
 from ..data import DataError, create_image_dataset, dataset_classes
 from ..data.folder import skipped_index, unreadable_error
 from ..optimize import optimize_for_inference
+from ..progress import DEFAULT_LOG_INTERVAL
 from ..progress import progress as progress_bar
 from .checkpoint import atomic_write, read_weights_metadata
 from .config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
@@ -51,6 +52,7 @@ def evaluate(
         confusion: bool = False,
         progress: bool = True,
         desc: str = 'validate',
+        log_interval: float = DEFAULT_LOG_INTERVAL,
 ) -> Dict[str, Any]:
     """Top-1, top-5 (top-k with k = min(5, classes)), mean loss, img/s, sample count over ``loader``.
 
@@ -72,7 +74,7 @@ def evaluate(
     matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
     skipped: List[int] = []
     start = time.perf_counter()
-    for images, targets in progress_bar(loader, desc=desc, enabled=progress, unit='batch'):
+    for images, targets in progress_bar(loader, desc=desc, unit='batch', enabled=progress, log_interval=log_interval):
         images, targets = images.to(device), targets.to(device)
         keep = len(targets) if valid is None else max(0, min(len(targets), valid - seen))
         seen += len(targets)

@@ -117,3 +117,29 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_resumes_exactly(ddp_run, t
     assert got == want
     final, expected = load_file(out / 'last.safetensors'), load_file(reference / 'last.safetensors')
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_log_to_a_file_is_plain_lines(tmp_path):
+    # stderr redirected to a file, as `epsanet train ... > train.log 2>&1` does: no tqdm carriage returns, one line
+    # per log interval (0 s here: every batch) and per epoch, for training and validation
+    data = write_image_folder(tmp_path / 'data', classes=('a', 'b'), splits={'train': 4, 'val': 2})
+    log = tmp_path / 'train.log'
+    env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
+    cmd = [sys.executable, '-m', 'epsanet', 'train', '--data-dir', str(data), '--output', str(tmp_path / 'run'),
+           '--img-size', '32', '-b', '4', '--epochs', '2', '--workers', '0', '--opt', 'sgd', '--lr', '0.01',
+           '--log-interval', '0']
+    with open(log, 'w') as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert '\r' not in text and '\x1b' not in text
+    lines = text.splitlines()
+    for epoch in (1, 2):
+        steps = [line for line in lines if f'epoch {epoch}/2: ' in line and ' batch/s' in line]
+        assert [s.split('progress: ')[1].split(',')[0] for s in steps] == [f'epoch {epoch}/2: 1/2 (50%)',
+                                                                            f'epoch {epoch}/2: 2/2 (100%)']
+        assert 'loss=' in steps[-1] and 'lr=' in steps[-1]
+        assert sum(f'epoch {epoch}/2: train loss' in line for line in lines) == 1
+    assert sum('validate: 1/1 (100%)' in line for line in lines) == 2  # one validation pass per epoch
+    assert sum(line.startswith('INFO epsanet.train.loop: recipe for 8 colour images') for line in lines) == 1
+    assert all(len(line) < 200 for line in lines if 'epsanet.progress' in line)

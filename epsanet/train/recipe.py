@@ -1,0 +1,148 @@
+"""The training recipe ``epsanet train`` picks when the user gives none: settings that fit the data.
+
+timm's defaults (random-resized crops down to 8% of the image, colour jitter 0.4, a 0.875 centre
+crop at evaluation, 5 warm-up epochs) are made for ImageNet: a million images, 224 px, 300 epochs.
+No pretrained EPSANet weights exist, so most users train from random init on a few hundred
+images of their own, where those defaults are slow and erratic (measured with
+``scripts/small_data_benchmark.py``, see the README). The rules below were picked with that
+benchmark (three sets of 150 images at 32-48 px, 12 epochs, AdamW):
+
+* ``scale``: below :data:`LARGE_DATA` training images, no random-resized crop (the whole image, flipped):
+  crops of 50-100% of the image gained 7 points on one set (photos) but lost 21-31 on another (digits,
+  whose strokes fill the frame), 80-100% still lost 14 there; timm's 8-100% from :data:`LARGE_DATA` on;
+* ``color_jitter``: none for grey images (jitter only changes their brightness and contrast) and below
+  :data:`LARGE_DATA` images; timm's 0.4 for large colour sets;
+* ``crop_pct``: 1.0 (resize, no centre crop at evaluation) at :data:`NO_CROP_MAX_SIZE` px and below,
+  where a crop throws away a quarter of the few pixels there are; the model's 0.875 above;
+* ``smoothing`` and ``warmup_epochs``: none below :data:`LARGE_DATA` images (on digits, 12 epochs: label
+  smoothing 0.1 cost 4 points, 2 warm-up epochs 8); above, timm's 0.1 and a tenth of the epochs (1 to 5);
+* ``sched_on_updates`` when there is a warm-up, so that the lr ramps up step by step: per epoch, timm
+  holds the whole first epoch at ``--warmup-lr`` (1e-5), an epoch that learns nothing;
+* ``bn_recalibrate``: below :data:`LARGE_DATA` images, BatchNorm statistics are recomputed before each
+  validation (:mod:`epsanet.train.precise_bn`): with a handful of steps per epoch the running averages
+  lag behind the weights and validation sat at chance for epochs while the training loss fell.
+
+Only fields left at ``None`` are picked: a value from a flag, ``--config`` or the Python API always
+wins. The recipes under ``configs/`` set their augmentation, smoothing and warm-up themselves.
+"""
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from ..data.image import UNREADABLE_ERRORS
+
+__all__ = ['AUTO_FIELDS', 'DataSummary', 'summarize', 'pick_recipe', 'apply_recipe', 'model_img_size']
+
+#: fields of :class:`~epsanet.train.TrainConfig` that ``None`` leaves to the recipe
+AUTO_FIELDS = ('scale', 'color_jitter', 'crop_pct', 'smoothing', 'warmup_epochs', 'sched_on_updates', 'bn_recalibrate')
+#: from this many training images on, timm's ImageNet augmentation is used
+LARGE_DATA = 10_000
+#: input sizes up to this many px are evaluated without a centre crop
+NO_CROP_MAX_SIZE = 64
+SMALL_SCALE = (1.0, 1.0)  # the whole image (timm's crop falls back to it): no random crop
+TIMM_SCALE = (0.08, 1.0)
+TIMM_COLOR_JITTER = 0.4
+SMOOTHING = 0.1
+MAX_WARMUP_EPOCHS = 5
+_GREY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSummary:
+    """What the recipe looks at: the training set's size, class count and whether it is grey."""
+    num_images: int
+    num_classes: int
+    grey: bool  # every sampled image has one channel, or three equal ones
+
+
+def _is_grey(path: str) -> bool:
+    with Image.open(path) as img:
+        if img.mode in _GREY_MODES:
+            return True
+        img.draft('RGB', (64, 64))  # JPEGs decode at a reduced size: cheap
+        rgb = np.asarray(img.convert('RGB').resize((32, 32)), dtype=np.int16)
+    return bool(np.abs(rgb - rgb[..., :1]).max() <= 2)
+
+
+def summarize(paths: Sequence[str], num_classes: int, sample: int = 32, num_images: Optional[int] = None
+              ) -> DataSummary:
+    """Summarise a training set from its image paths (``sample`` of them, evenly spaced, are opened).
+    Sources without file paths (archives, Hugging Face and webdataset sources) give ``num_images`` and no
+    paths: they are then not taken for greyscale."""
+    step = max(1, len(paths) // sample)
+    grey = []
+    for path in list(paths)[::step][:sample]:
+        try:
+            grey.append(_is_grey(path))
+        except UNREADABLE_ERRORS:
+            continue  # the loader skips and reports unreadable images
+    count = len(paths) if num_images is None else num_images
+    return DataSummary(num_images=count, num_classes=num_classes, grey=bool(grey) and all(grey))
+
+
+def pick_recipe(data: DataSummary, img_size: int, epochs: int,
+                warmup_epochs: Optional[int] = None) -> Tuple[Dict[str, Any], List[str]]:
+    """Values for every field of :data:`AUTO_FIELDS` and, for each, why (short phrases).
+
+    ``warmup_epochs``: the user's value, if any (the lr's update interval depends on it).
+    """
+    small = data.num_images < LARGE_DATA
+    size = f'{data.num_images} images < {LARGE_DATA}' if small else f'{data.num_images} images'
+    values: Dict[str, Any] = {}
+    why: Dict[str, str] = {}
+    values['scale'] = SMALL_SCALE if small else TIMM_SCALE
+    why['scale'] = f'no random crop ({size})' if small else f'random crops of 8-100% of the image ({size})'
+    if data.grey:
+        values['color_jitter'], why['color_jitter'] = 0.0, 'no colour jitter (grey images)'
+    elif small:
+        values['color_jitter'], why['color_jitter'] = 0.0, f'no colour jitter ({size})'
+    else:
+        values['color_jitter'] = TIMM_COLOR_JITTER
+        why['color_jitter'] = f'colour jitter {TIMM_COLOR_JITTER:g} ({size})'
+    if img_size <= NO_CROP_MAX_SIZE:
+        values['crop_pct'] = 1.0
+        why['crop_pct'] = f'no eval centre crop ({img_size} px <= {NO_CROP_MAX_SIZE})'
+    else:
+        values['crop_pct'], why['crop_pct'] = None, f"the model's eval centre crop ({img_size} px)"
+    if small:
+        values['smoothing'], why['smoothing'] = 0.0, f'no label smoothing ({size})'
+        values['warmup_epochs'], why['warmup_epochs'] = 0, f'no warm-up ({size})'
+    else:
+        values['smoothing'], why['smoothing'] = SMOOTHING, f'label smoothing {SMOOTHING:g}'
+        warmup = min(MAX_WARMUP_EPOCHS, max(1, math.ceil(epochs / 10)))
+        values['warmup_epochs'] = warmup
+        why['warmup_epochs'] = f'{warmup} warm-up epoch{"s" if warmup > 1 else ""} ({epochs} epochs)'
+    warmup = values['warmup_epochs'] if warmup_epochs is None else warmup_epochs
+    values['sched_on_updates'] = warmup > 0
+    why['sched_on_updates'] = ('lr updated every step (the warm-up ramps up instead of holding the first epoch at '
+                               '--warmup-lr)' if warmup > 0 else 'lr updated every epoch')
+    values['bn_recalibrate'] = small
+    why['bn_recalibrate'] = ('BatchNorm statistics recomputed before each validation' if small else
+                             'BatchNorm running statistics as trained')
+    return values, [why[f] for f in AUTO_FIELDS]
+
+
+def apply_recipe(cfg: Any, data: DataSummary, img_size: int) -> Tuple[Any, str]:
+    """``cfg`` with the recipe's values in the fields the user left at ``None``, and one line saying
+    what was picked and why (empty when the user set every field)."""
+    values, reasons = pick_recipe(data, img_size, cfg.epochs, cfg.warmup_epochs)
+    auto = [f for f in AUTO_FIELDS if getattr(cfg, f) is None]
+    if not auto:
+        return cfg, ''
+    kind = 'grey' if data.grey else 'colour'
+    picked = [r for f, r in zip(AUTO_FIELDS, reasons) if f in auto]
+    line = (f'recipe for {data.num_images} {kind} images, {data.num_classes} classes, {img_size} px: '
+            f'{", ".join(picked)}. Set --{" --".join(f.replace("_", "-") for f in auto)} (or --config) to choose.')
+    return dataclasses.replace(cfg, **{f: values[f] for f in auto}), line
+
+
+def model_img_size(model: Union[str, Any]) -> int:
+    """The input size a model (or registered model name) is evaluated at by default, e.g. 224."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model) if isinstance(model, str) else getattr(model, 'pretrained_cfg', None)
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
+    return int(cfg.get('input_size', (3, 224, 224))[-1])

@@ -68,7 +68,7 @@ def _train_step(model, x, y, dtype, scaler=None) -> Tuple[float, bool]:
         opt.step()
     finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     moved = any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
-    return float(loss), finite and moved
+    return float(loss.detach()), finite and moved
 
 
 def check_amp(device: torch.device, size: int) -> List[Row]:
@@ -93,10 +93,16 @@ def _forward_backward(model, x) -> Tuple[torch.Tensor, torch.Tensor]:
     return out.detach().float(), x.grad.float()
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
 def check_channels_last_and_compile(device: torch.device, size: int) -> List[Row]:
     rows = []
-    model = _models('epsanet50')[0].to(device).train()
-    x = torch.randn(2, 3, size, size, device=device)
+    # eval mode: with batch statistics of a tiny batch, float32 rounding grows through the network's
+    # BatchNorms into ~1e-2 relative differences of the input gradient, whatever the memory format
+    model = _models('epsanet50')[0].to(device).eval()
+    x = torch.randn(4, 3, size, size, device=device)
     expected = _forward_backward(copy.deepcopy(model), x)
     variants: List[Tuple[str, Callable[[], torch.nn.Module], torch.Tensor]] = [
         ('channels_last', lambda: copy.deepcopy(model).to(memory_format=torch.channels_last),
@@ -106,9 +112,9 @@ def check_channels_last_and_compile(device: torch.device, size: int) -> List[Row
     for label, make, inp in variants:
         try:
             out, grad = _forward_backward(make(), inp)
-            diff = max(float((out - expected[0]).abs().max()), float((grad - expected[1]).abs().max()))
-            rows.append((f'{label} forward + backward', 'ok' if diff < 1e-2 else 'FAIL',
-                         f'max |Δ| (output, input grad) {diff:.2e}'))
+            diff = max(_relative(out, expected[0]), _relative(grad, expected[1]))
+            rows.append((f'{label} forward + backward', 'ok' if diff < 1e-2 else 'FAIL',  # TF32 convs on CUDA
+                         f'max |Δ| / max |value| (output, input grad) {diff:.2e}'))
         except Exception as e:  # report, keep checking
             rows.append((f'{label} forward + backward', 'FAIL', f'{type(e).__name__}: {e}'.splitlines()[0][:120]))
     return rows
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
         return 0
     cuda = device.type == 'cuda'
     size = args.img_size or (224 if cuda else 32)
-    small = 64 if cuda else size  # correctness checks need no full-size images
+    small = 64  # correctness checks need no full-size images (and CPU bf16 has a known bug on 1x1 maps)
     gpu = torch.cuda.get_device_name(device) if cuda else 'CPU (CI dry run)'
     rows: List[Row] = []
     for check in (check_fp32, check_amp, check_channels_last_and_compile, check_train_cli):

@@ -118,12 +118,16 @@ class PyramidSqueezeAttention(nn.Module):
             f'split_input={self.split_input}')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.branch_features(x)
+        return feats * self.attention(feats)
+
+    def branch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch convs' outputs concatenated in reversed branch order (largest kernel first)."""
         inputs = torch.chunk(x, self.num_branches, dim=1) if self.split_input else [x] * self.num_branches
         outs: List[torch.Tensor] = []
         for i, conv in enumerate(self.convs):
-            outs.insert(0, conv(inputs[i]))  # reversed branch order: the largest kernel first
-        feats = torch.cat(outs, dim=1)
-        return feats * self.attention(feats)
+            outs.insert(0, conv(inputs[i]))
+        return torch.cat(outs, dim=1)
 
     def attention(self, feats: torch.Tensor) -> torch.Tensor:
         """The softmax attention ``[N, S * C, 1, 1]`` for the concatenated branch features ``feats``.

@@ -14,7 +14,7 @@ Two changes from :class:`~epsanet.layers.PyramidSqueezeAttention`, each switched
 The branch convs are whatever modules the layer holds (:class:`~epsanet.optimize.tuned_conv.TunedConv2d`
 after the transforms), called as modules; so is the SE module.
 """
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -55,11 +55,7 @@ class FastPSA(PyramidSqueezeAttention):
         self.out_shift = shift.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inputs = torch.chunk(x, self.num_branches, dim=1) if self.split_input else [x] * self.num_branches
-        outs: List[torch.Tensor] = []
-        for i, conv in enumerate(self.convs):
-            outs.insert(0, conv(inputs[i]))  # reversed branch order: the largest kernel first
-        feats = torch.cat(outs, dim=1)
+        feats = self.branch_features(x)
         attn = self.attention(feats)
         if self.out_scale is not None and self.out_shift is not None:
             return torch.addcmul(self.out_shift.view(1, -1, 1, 1), feats, attn * self.out_scale.view(1, -1, 1, 1))

@@ -152,7 +152,29 @@ def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str],
                     'the same class folders, or the labels would not mean the same thing.')
 
 
-class ImageFolder(Dataset):
+class SkipCounter:
+    """Counts unreadable images a data set skipped, across DataLoader worker processes, and remembers
+    which were already logged (once per process). Call :meth:`_init_skips` in ``__init__``."""
+
+    def _init_skips(self) -> None:
+        self._skipped = multiprocessing.Value('i', 0)
+        self._logged = set()
+
+    @property
+    def num_skipped(self) -> int:
+        """How many times an unreadable image was skipped since the last :meth:`reset_skipped`."""
+        return self._skipped.value
+
+    def reset_skipped(self) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value = 0
+
+    def _count_skip(self) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+
+
+class ImageFolder(SkipCounter, Dataset):
     """``root/<class>/<image>`` as (image, class index) samples, classes in sorted folder order.
 
     Unreadable files: with ``strict=False`` the path is logged once per process and
@@ -177,20 +199,10 @@ class ImageFolder(Dataset):
         self.targets = [t for _, t in self.samples]
         self.transform = transform
         self.strict = strict
-        self._skipped = multiprocessing.Value('i', 0)
-        self._logged = set()
+        self._init_skips()
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    @property
-    def num_skipped(self) -> int:
-        """How many times an unreadable image was skipped since the last :meth:`reset_skipped`."""
-        return self._skipped.value
-
-    def reset_skipped(self) -> None:
-        with self._skipped.get_lock():
-            self._skipped.value = 0
 
     def filename(self, index: int) -> str:
         return self.samples[index][0]
@@ -201,8 +213,7 @@ class ImageFolder(Dataset):
             img = _load_or_skip(path, self.strict, log=path not in self._logged)
             if img is None:
                 self._logged.add(path)
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
+                self._count_skip()
                 if self.mark_unreadable:
                     img, target = Image.new('RGB', (32, 32)), unreadable_target(index)
                 else:

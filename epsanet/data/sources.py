@@ -23,7 +23,6 @@ a sample it cannot decode, so it enters no metric either, but is not counted.
 """
 import io
 import logging
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -32,7 +31,7 @@ from PIL import Image
 from timm.data import IterableImageDataset
 from torch.utils.data import Dataset
 
-from .folder import DataError, ImageFolder, UnreadableImageError, split_dir, unreadable_target
+from .folder import DataError, ImageFolder, SkipCounter, UnreadableImageError, split_dir, unreadable_target
 from .image import UNREADABLE_ERRORS, to_rgb
 
 __all__ = [
@@ -49,7 +48,7 @@ def _prefix(name: str) -> str:
     return head.lower() if sep else ''
 
 
-class ReaderDataset(Dataset):
+class ReaderDataset(SkipCounter, Dataset):
     """A timm reader (``reader[i] -> (file object or PIL image, target)``) as ``(image, target)`` samples.
 
     Like :class:`~epsanet.data.ImageFolder`: images converted to RGB with :func:`~epsanet.data.to_rgb`,
@@ -65,19 +64,10 @@ class ReaderDataset(Dataset):
         self.transform = transform
         self.strict = strict
         self.mark_unreadable = mark_unreadable
-        self._skipped = multiprocessing.Value('i', 0)
-        self._logged = set()
+        self._init_skips()
 
     def __len__(self) -> int:
         return len(self.reader)
-
-    @property
-    def num_skipped(self) -> int:
-        return self._skipped.value
-
-    def reset_skipped(self) -> None:
-        with self._skipped.get_lock():
-            self._skipped.value = 0
 
     def filename(self, index: int) -> str:
         return str(self.reader.filename(index))
@@ -98,8 +88,7 @@ class ReaderDataset(Dataset):
             if name not in self._logged:
                 _logger.warning('skipped unreadable image %s of %s (%s)', name, self.root, e)
                 self._logged.add(name)
-            with self._skipped.get_lock():
-                self._skipped.value += 1
+            self._count_skip()
             return None, None
 
     def _safe_filename(self, index: int) -> str:

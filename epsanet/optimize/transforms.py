@@ -11,6 +11,8 @@ forward pass (hooks fire on them), and compute the same numbers within float rou
   instead of its branch features for the backward pass (one feature map less per block); in inference
   the BatchNorm after it is computed in the same pass as the attention product;
 * inference only: every conv -> BatchNorm pair is folded into one conv (:mod:`epsanet.optimize.fold_bn`);
+* training only: the stem is recomputed in the backward pass instead of stored
+  (:mod:`epsanet.optimize.recompute_stem`; ``recompute_stem=False`` keeps it);
 * the weights are stored channels_last (``channels_last=True``): the first conv then returns
   channels_last maps even for NCHW input, and the whole network runs in that format.
 
@@ -27,6 +29,7 @@ from torch import nn
 from ..layers.psa import PyramidSqueezeAttention
 from .fast_psa import FastPSA
 from .fold_bn import fold_batchnorm
+from .recompute_stem import recompute_stem as _recompute_stem
 from .tuned_conv import TunedConv2d
 
 __all__ = ['optimize_for_inference', 'optimize_for_training', 'is_optimized']
@@ -81,18 +84,22 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.M
     return model
 
 
-def optimize_for_training(model: nn.Module, channels_last: bool = True) -> nn.Module:
+def optimize_for_training(model: nn.Module, channels_last: bool = True, recompute_stem: bool = True) -> nn.Module:
     """The one-line CPU training setting: ``model = epsanet.optimize_for_training(model)``.
 
     Autotunes the PSA branch convs (forward and both gradients), lets each PSA layer keep its output
-    instead of its branch features for the backward pass and, with ``channels_last``, stores the
-    weights channels_last. Every state-dict key and shape stays as it was, so checkpoints move freely
-    between the plain and the transformed model; outputs, gradients and BatchNorm statistics are the
-    plain model's within float rounding. Works in place (keeping train/eval mode) and returns the model.
+    instead of its branch features for the backward pass, with ``recompute_stem`` runs the stem again in
+    the backward pass instead of storing its activations (hooks on the stem's modules then fire again
+    during the backward pass) and, with ``channels_last``, stores the weights channels_last. Every
+    state-dict key and shape stays as it was, so checkpoints move freely between the plain and the
+    transformed model; outputs, gradients and BatchNorm statistics are the plain model's within float
+    rounding. Works in place (keeping train/eval mode) and returns the model.
     """
     if not _on_cpu(model, 'optimize_for_training'):
         return model
     _swap_psa_layers(model, save_output_for_backward=True)
+    if recompute_stem:
+        _recompute_stem(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model

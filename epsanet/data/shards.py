@@ -25,7 +25,7 @@ import numpy as np
 
 from .folder import DataError
 
-__all__ = ['ShardReader', 'INFO_FILES']
+__all__ = ['ShardReader', 'INFO_FILES', 'shard_class_map']
 
 _logger = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class ShardReader:
 
     def __init__(self, root: Union[str, os.PathLike], split: str, class_map: Union[str, dict, None] = None,
                  input_key: str = 'jpg;png;webp', target_key: Optional[str] = None):
+        try:
+            import webdataset  # noqa: F401  (timm's info-file helpers and the key rule come from it)
+        except ImportError as e:
+            raise DataError('wds/ data sets need the webdataset package: pip install webdataset') from e
         from timm.data.readers.reader_wds import _load_info, _parse_split_info
 
         self.root = Path(root)
@@ -76,16 +80,7 @@ class ShardReader:
         self.input_exts = [e.strip().lower() for e in input_key.split(';') if e.strip()]
         self.json_key = target_key or self.split_info.alt_label or None
         self.shards = list(self.split_info.filenames)
-        self._source_names = {i: str(c) for i, c in enumerate(self.info.get('classes') or [])}
-        self.class_to_idx: Dict[Any, int] = {}
-        if class_map:
-            from timm.data.readers.class_map import load_class_map
-            try:
-                self.class_to_idx = load_class_map(class_map, root=str(self.root))
-            except (AssertionError, OSError, ValueError) as e:
-                raise DataError(f'cannot read the class map {class_map}: {e}. A class map is a text file with one '
-                                'class name per line (line i = class index i).') from e
-        self.classes = _class_names(self.class_to_idx) if self.class_to_idx else list(self._source_names.values())
+        self.index_map, self.classes = shard_class_map(class_map, self.info, self.root)
         self._index()
         self._pid, self._files = None, OrderedDict()
 
@@ -195,19 +190,11 @@ class ShardReader:
         return self._remap(target, where)
 
     def _remap(self, target: int, where: str) -> int:
-        """timm's class-map remap (a label, or its name from the info ``classes``, looked up in the map); a map of
-        names alone, with no ``classes`` in the info file, only names the indices."""
-        if not self.class_to_idx:
+        if self.index_map is None:
             return target
-        from timm.data.readers.class_map import remap_target
-
-        if not self._source_names and all(isinstance(k, str) for k in self.class_to_idx):
-            return target
-        try:
-            return int(remap_target(target, self.class_to_idx, self._source_names))
-        except (KeyError, IndexError) as e:
-            raise DataError(f'{where}: its class {self._source_names.get(target, target)} is not in the class map; add '
-                            'it to the map.') from e
+        if target not in self.index_map:
+            raise DataError(f'{where}: its class {target} is not in the class map; add it to the map.')
+        return self.index_map[target]
 
     # ---- the reader interface -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -250,6 +237,36 @@ class ShardReader:
         state = dict(self.__dict__)
         state['_files'], state['_pid'] = OrderedDict(), None
         return state
+
+
+def shard_class_map(class_map: Union[str, dict, None], info: Dict[str, Any], root: Union[str, os.PathLike]
+                    ) -> Tuple[Optional[Dict[int, int]], List[str]]:
+    """timm's class map for webdataset labels (class indices) as ``(label -> class index, class names)``.
+
+    A map keyed by label is used as it is; a map of names re-indexes the info file's ``classes`` (as
+    timm's ``remap_target`` does with source names), each of which must be in it; without ``classes``
+    in the info file a map of names only names the labels (mapping ``None``: labels kept). Without a
+    map: no mapping, the names are the info file's ``classes`` (or none).
+    """
+    source = [str(c) for c in info.get('classes') or []]
+    if not class_map:
+        return None, source
+    from timm.data.readers.class_map import load_class_map
+    try:
+        mapping = load_class_map(class_map, root=str(root))
+    except (AssertionError, OSError, ValueError) as e:
+        raise DataError(f'cannot read the class map {class_map}: {e}. A class map is a text file with one class name '
+                        'per line (line i = class index i).') from e
+    names = _class_names(mapping)
+    if all(isinstance(k, int) for k in mapping):
+        return {int(k): int(v) for k, v in mapping.items()}, names
+    if not source:
+        return None, names
+    missing = [c for c in source if c not in mapping]
+    if missing:
+        raise DataError(f'the classes {", ".join(missing[:10])} of the info file in {root} are not in the class map '
+                        f'{class_map}; add them to the map.')
+    return {i: int(mapping[c]) for i, c in enumerate(source)}, names
 
 
 def _class_names(class_to_idx: Dict[Any, int]) -> List[str]:

@@ -340,10 +340,6 @@ def _torch_dataset(name: str, root: str, split: str, download: bool, **opts) -> 
 def _indexed_wds_dataset(name: str, root: str, split: str, class_map, kwargs, **opts) -> ReaderDataset:
     from .shards import ShardReader
 
-    try:
-        import webdataset  # noqa: F401
-    except ImportError as e:
-        raise DataError('wds/ data sets need the webdataset package: pip install webdataset') from e
     if not root:
         raise DataError(f'--dataset {name} needs --data-dir: the folder holding the shards and _info.json.')
     unknown = set(kwargs) - {'input_key', 'target_key'}
@@ -374,15 +370,19 @@ def _wds_dataset(name: str, root: str, split: str, class_map, is_training: bool,
         raise DataError('wds/ data sets need the webdataset package: pip install webdataset') from e
     if not root or not Path(root).is_dir():
         raise DataError(f'--dataset {name} needs --data-dir: the folder holding the shards and _info.json.')
+    from timm.data.readers.reader_wds import _load_info
+
+    from .shards import INFO_FILES, shard_class_map
+
+    info = _load_info(root) if any((Path(root) / n).is_file() for n in INFO_FILES) else {}
+    index_map, classes = shard_class_map(class_map, info, root)  # the labels' map, as for indexed shards
     try:  # what timm.data.create_dataset does for wds/, on a class that also has the counters
-        ds = ShardDataset(root, reader=name, split=split, class_map=class_map, is_training=is_training,
-                    batch_size=batch_size, seed=seed, **kwargs)
+        ds = ShardDataset(root, reader=name, split=split, class_map=index_map, is_training=is_training,
+                          batch_size=batch_size, seed=seed, **kwargs)
     except (FileNotFoundError, AssertionError, KeyError, ValueError, RuntimeError) as e:
         raise DataError(f'cannot read webdataset shards of split "{split}" under {root} ({type(e).__name__}: {e}). '
-                        "timm's layout: _info.json (or .yaml) with the split's shard names and sizes.") from e
-    mapping = getattr(ds.reader, 'class_to_idx', None)
-    info_classes = (getattr(ds.reader, 'info', None) or {}).get('classes')
-    ds.classes = _classes_of(mapping) if mapping else [str(c) for c in info_classes or []]
+                        "timm's layout: _info.json with the split's shard names and sizes.") from e
+    ds.classes = classes
     if is_training and not ds.classes:
         raise DataError(f'the webdataset shards under {root} name no classes: give --class-map FILE (one class name '
                         'per line) or a "classes" list in _info.json.')

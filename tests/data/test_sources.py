@@ -124,6 +124,13 @@ def test_webdataset_class_map_and_json_targets(folder, tmp_path):
     cmap.write_text('c\nb\na\n')  # names: remapped through the info file's classes, as timm's remap_target
     ds = create_image_dataset('wds/x', root, 'train', class_map=str(cmap))
     assert ds.classes == ['c', 'b', 'a'] and [ds.reader[i][1] for i in range(6)] == [2, 2, 1, 1, 0, 0]
+    # training streams the shards through timm with the same map: every image gets the same target
+    train_ds = create_image_dataset('wds/x', root, 'train', class_map=str(cmap), is_training=True)
+    streamed = {img.tobytes(): t for img, t in train_ds}
+    assert train_ds.classes == ds.classes and streamed == {ds[i][0].tobytes(): ds[i][1] for i in range(6)}
+    cmap.write_text('a\nb\n')
+    with pytest.raises(DataError, match='classes c of the info file .* are not in the class map'):
+        create_image_dataset('wds/x', root, 'train', class_map=str(cmap))
     # labels in a json sidecar (target_key), members in a sub-folder of the tar, an unlabelled (-1) sample left out
     shard = tmp_path / 'j' / 'part-0.tar'
     shard.parent.mkdir()

@@ -1,7 +1,8 @@
 """Classify images with trained weights: top-k class names and probabilities (``epsanet predict``).
 
 Inputs are image files, folders (searched recursively) and glob patterns, or a whole data source
-(``data_dir`` + ``dataset``, as in ``epsanet validate``). The model comes from any weights source
+(``data_dir`` + ``dataset``, as in ``epsanet validate``; ``wds/`` shards are indexed once and their rows
+named ``<shard>/<key>.<ext>``). The model comes from any weights source
 :func:`~epsanet.train.validate.load_for_inference` reads (a training checkpoint, a timm or
 authors' file, a URL, ``hf-hub:org/repo``, a folder written by ``epsanet convert``), and each image
 goes through the model's eval transform (timm's ``resolve_data_config`` + ``create_transform``).
@@ -125,10 +126,7 @@ def _inputs(cfg: PredictConfig) -> Tuple[Dataset, List[str], str]:
         return ImageFiles(paths, strict=cfg.strict), paths, ', '.join(cfg.inputs)
     if not cfg.data_dir and not cfg.dataset:
         raise ConfigError('nothing to predict: give image files, folders or glob patterns (or --data-dir).')
-    dataset = dataset_from_config(cfg, cfg.split)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        raise ConfigError(f'--dataset {cfg.dataset}: predict needs a data source with random access (a folder, '
-                          '.tar, hfds/ or torch/); streamed webdataset shards have no per-file names.')
+    dataset = dataset_from_config(cfg, cfg.split)  # random access for every source (wds/: indexed shards)
     if cfg.strict and hasattr(dataset, 'verify'):
         bad = dataset.verify(progress=cfg.progress)
         if bad:

@@ -102,3 +102,33 @@ def test_inputs_errors(tmp_path):
     data = write_image_folder(tmp_path / 'd', classes=('a',), splits={'val': 2})
     files = expand_inputs([str(data), str(data / 'val' / 'a' / '0.png')])
     assert [f.split('/')[-1] for f in files] == ['0.png', '1.png']  # no repeats
+
+
+def test_webdataset_shards_rows_keyed_by_sample(trained, tmp_path, capsys):
+    """``--dataset wds/NAME``: one row per readable sample, keyed ``<shard>/<key>.<ext>``, the same predictions as
+    for the image files, and top-1 equal to validate's on the same shards."""
+    from epsanet.data.synthetic import write_wds
+
+    data, weights, bad = trained
+    shards = write_wds(data / 'val', tmp_path / 'wds', 'val', shards=3)
+    out = tmp_path / 'p.json'
+    code = main(['predict', '--dataset', 'wds/x', '--data-dir', str(shards), '--split', 'val', '--checkpoint',
+                 str(weights), '-j', '0', '--no-progress', '--results-file', str(out), '--topk', '2'])
+    assert code == 0, capsys.readouterr().err
+    records = json.loads(out.read_text())
+    names = [r['filename'] for r in records]
+    assert len(records) == 36 and len(set(names)) == 36 and {n.split('/')[0] for n in names} == {
+        'val-0000.tar', 'val-0001.tar', 'val-0002.tar'}
+    corrupt = [f'val-000{s}.tar/dog_corrupt.png' for s in range(3)]
+    assert not set(corrupt) & set(names) and any(c in capsys.readouterr().out for c in corrupt)
+    result = predict(_cfg(dataset='wds/x', data_dir=str(shards), split='val', checkpoint=str(weights)))
+    assert result.count == 36 and len(result.skipped) == 1 and result.skipped[0] in corrupt
+    by_file = {r['filename']: r for r in predict(_cfg(inputs=(str(data / 'val'),), checkpoint=str(weights))).rows}
+    for r in result.rows:  # val-000S.tar/<class>_<stem>.png is the file val/<class>/<stem>.png
+        cls, stem = r['filename'].split('/')[1][:-len('.png')].split('_', 1)
+        same = by_file[str(data / 'val' / cls / f'{stem}.png')]
+        assert r['label'] == same['label'] and r['prob'] == pytest.approx(same['prob'], abs=1e-5)
+    correct = sum(r['label'][0] == r['filename'].split('/')[1].split('_')[0] for r in result.rows)
+    v = validate(ValidateConfig(dataset='wds/x', data_dir=str(shards), split='val', checkpoint=str(weights),
+                                workers=0, progress=False))
+    assert v['count'] == 36 and v['skipped_files'] == result.skipped and v['correct'] == correct

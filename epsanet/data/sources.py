@@ -8,9 +8,11 @@ The source is named as in timm's ``--dataset`` flag and read through timm's read
   ``.tar`` files) of ``<class>/<image>`` members;
 * ``hfds/NAME``: a Hugging Face ``datasets`` data set: a local ``save_to_disk`` folder, a local
   folder of parquet/image files or a local script, or a Hub name (a download; not offline);
-* ``wds/NAME``: webdataset shards under ``root`` (``<split>-{0000..0009}.tar`` with ``_info.json``
-  or ``_info.yaml``, timm's layout; class names from ``class_map`` or a ``classes`` list in the info
-  file);
+* ``wds/NAME``: webdataset shards under ``root`` (``<split>-{0000..0009}.tar`` with ``_info.json``,
+  timm's layout; class names from ``class_map`` or a ``classes`` list in the info file). Training
+  streams them through timm (shuffle buffers, shards split over processes and workers); every other
+  use (validation, prediction, extraction, evaluation during training) indexes the tar shards once
+  and reads them by sample (:class:`~epsanet.data.shards.ShardReader`), named ``<shard>/<key>.<ext>``;
 * ``torch/NAME``: a torchvision data set (``torch/mnist``, ``torch/cifar10``, ...); downloaded
   only with ``download=True`` (``--dataset-download``).
 
@@ -18,8 +20,8 @@ Every map-style source decodes images with :func:`~epsanet.data.load_image` (any
 An unreadable image is logged with its name and counted; in training it is replaced by the next
 readable sample, in evaluation (``mark_unreadable=True``) it comes back with the negative target
 :func:`~epsanet.data.folder.unreadable_target` so that it enters no metric and no output row.
-``strict=True`` makes it an error. Webdataset shards are streamed: timm's pipeline logs and drops
-a sample it cannot decode, so it enters no metric either, but is not counted.
+``strict=True`` makes it an error. In training, streamed webdataset shards are the exception:
+timm's pipeline logs and drops a sample it cannot decode, so it is not counted there.
 """
 import io
 import logging
@@ -248,12 +250,13 @@ def create_image_dataset(
         split: the split (``train``, ``val``, ...); ``''`` uses ``root`` itself as an ImageFolder.
         class_map: timm's class map (text file, one class per line) fixing the class indices.
         download: allow torchvision (``torch/``) data sets to download (``--dataset-download``).
-        is_training: shuffle streamed (``wds/``) shards.
+        is_training: training: ``wds/`` shards are streamed (shuffled) instead of indexed.
         strict: fail on an unreadable image instead of skipping it.
         mark_unreadable: evaluation: an unreadable image comes back with a negative target instead of
             being replaced (see :func:`~epsanet.data.folder.unreadable_target`).
         batch_size, seed: hints for streamed (``wds/``) data sets.
-        kwargs: passed to timm's reader (e.g. ``input_key``, ``target_key``).
+        kwargs: passed to timm's reader (e.g. ``input_key``, ``target_key``; for indexed ``wds/`` shards
+            these two only).
 
     Every source has ``classes`` (or a reader with ``class_to_idx``), ``num_skipped`` where it can
     count, and a ``filename(i)`` where it has random access.
@@ -276,6 +279,8 @@ def create_image_dataset(
         return _hfds_dataset(name.split('/', 1)[1], root, split, class_map, kwargs, **opts)
     if prefix == 'torch':
         return _torch_dataset(name, root, split, download, **opts)
+    if not is_training:
+        return _indexed_wds_dataset(name, root, split, class_map, kwargs, **opts)
     return _wds_dataset(name, root, split, class_map, is_training, batch_size, seed, kwargs)
 
 
@@ -332,8 +337,23 @@ def _torch_dataset(name: str, root: str, split: str, download: bool, **opts) -> 
     return ReaderDataset(_TorchvisionReader(ds), classes, f'{name}:{split}', **opts)
 
 
+def _indexed_wds_dataset(name: str, root: str, split: str, class_map, kwargs, **opts) -> ReaderDataset:
+    from .shards import ShardReader
+
+    if not root:
+        raise DataError(f'--dataset {name} needs --data-dir: the folder holding the shards and _info.json.')
+    unknown = set(kwargs) - {'input_key', 'target_key'}
+    if unknown:
+        raise DataError(f'--dataset {name}: indexed webdataset shards take only input_key and target_key, not '
+                        f'{", ".join(sorted(unknown))}.')
+    reader = ShardReader(root, split, class_map=class_map, **kwargs)
+    if len(reader) == 0:
+        raise DataError(f'the split "{split}" of {root} holds no samples.')
+    return ReaderDataset(reader, reader.classes, f'{name}:{root}/{split}', **opts)
+
+
 class ShardDataset(IterableImageDataset):
-    """timm's ``IterableImageDataset`` over webdataset shards, with the counters the training loop reads
+    """timm's ``IterableImageDataset`` over webdataset shards (training), with the counters the training loop reads
     (webdataset's pipeline drops an undecodable sample itself, with a log line: nothing to count here)."""
     num_skipped = 0
     classes: List[str] = []
@@ -350,15 +370,19 @@ def _wds_dataset(name: str, root: str, split: str, class_map, is_training: bool,
         raise DataError('wds/ data sets need the webdataset package: pip install webdataset') from e
     if not root or not Path(root).is_dir():
         raise DataError(f'--dataset {name} needs --data-dir: the folder holding the shards and _info.json.')
+    from timm.data.readers.reader_wds import _load_info
+
+    from .shards import INFO_FILES, shard_class_map
+
+    info = _load_info(root) if any((Path(root) / n).is_file() for n in INFO_FILES) else {}
+    index_map, classes = shard_class_map(class_map, info, root)  # the labels' map, as for indexed shards
     try:  # what timm.data.create_dataset does for wds/, on a class that also has the counters
-        ds = ShardDataset(root, reader=name, split=split, class_map=class_map, is_training=is_training,
-                    batch_size=batch_size, seed=seed, **kwargs)
+        ds = ShardDataset(root, reader=name, split=split, class_map=index_map, is_training=is_training,
+                          batch_size=batch_size, seed=seed, **kwargs)
     except (FileNotFoundError, AssertionError, KeyError, ValueError, RuntimeError) as e:
         raise DataError(f'cannot read webdataset shards of split "{split}" under {root} ({type(e).__name__}: {e}). '
-                        "timm's layout: _info.json (or .yaml) with the split's shard names and sizes.") from e
-    mapping = getattr(ds.reader, 'class_to_idx', None)
-    info_classes = (getattr(ds.reader, 'info', None) or {}).get('classes')
-    ds.classes = _classes_of(mapping) if mapping else [str(c) for c in info_classes or []]
+                        "timm's layout: _info.json with the split's shard names and sizes.") from e
+    ds.classes = classes
     if is_training and not ds.classes:
         raise DataError(f'the webdataset shards under {root} name no classes: give --class-map FILE (one class name '
                         'per line) or a "classes" list in _info.json.')

@@ -16,7 +16,7 @@ X = 'extraction'
 class ExtractConfig:
     """Options of :func:`~epsanet.features.extract`."""
     data_dir: str = arg('', 'folder of images (searched recursively; any layout), or the root of --dataset', X)
-    dataset: str = arg('', DATASET_HELP + '; webdataset shards (wds/) have no per-file names and are refused', X)
+    dataset: str = arg('', DATASET_HELP + '; wds/ shards are indexed once, rows keyed <shard>/<key>.<ext>', X)
     split: str = arg('', 'with --dataset: the split to embed (e.g. "val"; "" for --data-dir itself)', X)
     class_map: str = arg('', CLASS_MAP_HELP, X)
     dataset_download: bool = arg(False, DOWNLOAD_HELP, X)

@@ -49,9 +49,10 @@ def build_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
     """The images to embed and their names (the row keys: paths relative to ``--data-dir``), in row order.
 
     This is the one place that chooses the data source: a folder searched recursively, or with
-    ``--dataset`` any random-access source of timm's ``create_dataset`` (a folder of class folders or a
-    .tar, ``hfds/``, ``torch/``). The dataset gives ``(image, index)`` samples, ``index < 0`` for an
-    image that cannot be read, and takes its transform through a ``transform`` attribute.
+    ``--dataset`` any source of :func:`~epsanet.data.create_image_dataset` (a folder of class folders or a
+    .tar, ``hfds/``, ``torch/``, or ``wds/`` shards read by sample with rows keyed ``<shard>/<key>.<ext>``).
+    The dataset gives ``(image, index)`` samples, ``index < 0`` for an image that cannot be read, and takes
+    its transform through a ``transform`` attribute.
     """
     if cfg.dataset:
         return _named_dataset(cfg)
@@ -71,10 +72,7 @@ def build_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
 
 
 def _named_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
-    dataset = None if cfg.dataset.startswith('wds/') else dataset_from_config(cfg, cfg.split)
-    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
-        raise ConfigError(f'--dataset {cfg.dataset}: extract needs a data source with random access (a folder, '
-                          '.tar, hfds/ or torch/); streamed webdataset shards have no per-file names to key rows by.')
+    dataset = dataset_from_config(cfg, cfg.split)  # random access for every source (wds/: indexed shards)
     if cfg.strict and hasattr(dataset, 'verify'):
         bad = dataset.verify(progress=cfg.progress)
         if bad:

@@ -1,9 +1,13 @@
 """Every data source through one function (epsanet/data/sources.py), with corrupt images counted, named and
 left out of metrics; validate / predict / train on them; torchrun training from webdataset shards."""
+import gzip
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import timm
@@ -36,6 +40,7 @@ def sources(folder, tmp_path_factory):
         'hfds_saved': (f'hfds/{out / "hf_saved"}', '', 'val'),
         'hfds_parquet': (f'hfds/{out / "hf_parquet"}', '', 'validation'),
         'torch_folder': ('torch/image_folder', folder, 'val'),
+        'wds': ('wds/tiny', write_wds(folder / 'val', out / 'wds', 'val'), 'val'),
     }
 
 
@@ -66,7 +71,7 @@ def test_every_source_marks_counts_and_names_the_corrupt_image(sources, kind, ca
         create_image_dataset(name, root, split, strict=True)[BAD]
 
 
-@pytest.mark.parametrize('kind', ['tar', 'hfds_saved', 'torch_folder'])
+@pytest.mark.parametrize('kind', ['tar', 'hfds_saved', 'torch_folder', 'wds'])
 def test_validate_and_predict_leave_the_corrupt_image_out(sources, kind, weights, tmp_path, capsys):
     name, root, split = sources[kind]
     results = tmp_path / 'r.json'
@@ -82,12 +87,97 @@ def test_validate_and_predict_leave_the_corrupt_image_out(sources, kind, weights
     assert result.label_source == 'checkpoint'
 
 
-def test_webdataset_shards(folder, tmp_path):
-    root = write_wds(folder / 'val', tmp_path / 'wds', 'val')
-    ds = create_image_dataset('wds/tiny', root, 'val')
-    samples = list(ds)
-    assert ds.classes == list(CLASSES) and len(samples) == 8  # the corrupt sample is dropped by the pipeline
-    assert sorted(t for _, t in samples) == [0, 0, 0, 1, 1, 2, 2, 2]
+# write_wds deals the 9 sorted val images to 2 shards in turn: shard 0 has a/0 a/2 b/1 c/0 c/2, shard 1 a/1 b/0 b/2 c/1
+WDS_NAMES = ['val-0000.tar/a_0.png', 'val-0000.tar/a_2.png', 'val-0000.tar/b_1.png', 'val-0000.tar/c_0.png',
+             'val-0000.tar/c_2.png', 'val-0001.tar/a_1.png', 'val-0001.tar/b_0.png', 'val-0001.tar/b_2.png',
+             'val-0001.tar/c_1.png']
+WDS_BAD = 2  # val/b/1.png
+
+
+def test_webdataset_shards_are_indexed_for_evaluation_and_streamed_for_training(sources, caplog):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    name, root, split = sources['wds']
+    ds = create_image_dataset(name, root, split, mark_unreadable=True)
+    assert list(ds.classes) == list(CLASSES) and len(ds) == 9
+    assert [ds.filename(i) for i in range(len(ds))] == WDS_NAMES
+    assert [ds[i][1] for i in range(len(ds))] == [0, 0, -1 - WDS_BAD, 2, 2, 0, 1, 1, 2]
+    assert ds.num_skipped == 1 and 'val-0000.tar/b_1.png' in caplog.text
+    assert ds[0][0].size == (16, 16) and ds[0][0].mode == 'RGB'
+    with pytest.raises(UnreadableImageError, match='val-0000.tar/b_1.png'):
+        create_image_dataset(name, root, split, strict=True)[WDS_BAD]
+    assert [n for n, _ in create_image_dataset(name, root, split).verify(progress=False)] == [WDS_NAMES[WDS_BAD]]
+    # a copy for another process (DataLoader worker, spawn) carries the index, not the open shard files
+    copy = pickle.loads(pickle.dumps(ds.reader))
+    assert ds.reader._files and not copy._files and copy[3][0].read() == ds.reader[3][0].read()
+    ds.transform = lambda img: img.getpixel((0, 0))
+    loaded = [(p, int(t)) for batch in DataLoader(ds, batch_size=2, num_workers=2) for p, t in zip(*batch)]
+    assert [t for _, t in loaded] == [ds[i][1] for i in range(9)]
+    # training streams the shards through timm (shuffled; the corrupt sample is dropped by its pipeline)
+    train_ds = create_image_dataset(name, root, split, is_training=True)
+    assert isinstance(train_ds, IterableDataset) and train_ds.classes == list(CLASSES)
+
+
+def test_webdataset_class_map_and_json_targets(folder, tmp_path):
+    root = write_wds(folder / 'train', tmp_path / 'wds', 'train', shards=1)
+    cmap = tmp_path / 'map.txt'
+    cmap.write_text('c\nb\na\n')  # names: remapped through the info file's classes, as timm's remap_target
+    ds = create_image_dataset('wds/x', root, 'train', class_map=str(cmap))
+    assert ds.classes == ['c', 'b', 'a'] and [ds.reader[i][1] for i in range(6)] == [2, 2, 1, 1, 0, 0]
+    # training streams the shards through timm with the same map: every image gets the same target
+    train_ds = create_image_dataset('wds/x', root, 'train', class_map=str(cmap), is_training=True)
+    streamed = {img.tobytes(): t for img, t in train_ds}
+    assert train_ds.classes == ds.classes and streamed == {ds[i][0].tobytes(): ds[i][1] for i in range(6)}
+    cmap.write_text('a\nb\n')
+    with pytest.raises(DataError, match='classes c of the info file .* are not in the class map'):
+        create_image_dataset('wds/x', root, 'train', class_map=str(cmap))
+    # labels in a json sidecar (target_key), members in a sub-folder of the tar, an unlabelled (-1) sample left out
+    shard = tmp_path / 'j' / 'part-0.tar'
+    shard.parent.mkdir()
+    with tarfile.open(shard, 'w') as tar:
+        for key, label in [('x/s0', 2), ('x/s1', -1), ('x/s2', 0)]:
+            for ext, data in [('jpg', (folder / 'train' / 'a' / '0.png').read_bytes()),
+                              ('json', json.dumps({'meta': {'label': label}}).encode())]:
+                info = tarfile.TarInfo(f'{key}.{ext}')
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (shard.parent / '_info.json').write_text(json.dumps({'splits': {'val': dict(
+        name='val', num_samples=3, filenames=['part-0.tar'], shard_lengths=[3])}}))
+    ds = create_image_dataset('wds/j', shard.parent, 'val', target_key='meta/label')
+    assert len(ds) == 2 and ds.classes == [] and ds.filename(1) == 'part-0.tar/x/s2.jpg'
+    assert [ds[i][1] for i in range(2)] == [2, 0] and ds[0][0].size == (16, 16)
+
+
+def test_webdataset_errors_are_clear(folder, tmp_path, caplog):
+    def shards(name):
+        return write_wds(folder / 'train', tmp_path / name, 'val')
+
+    with pytest.raises(DataError, match='no usable split "test".*splits: val'):
+        create_image_dataset('wds/x', shards('split'), 'test')
+    root = shards('missing')
+    (root / 'val-0001.tar').unlink()
+    with pytest.raises(DataError, match='shard val-0001.tar listed for split "val" is missing'):
+        create_image_dataset('wds/x', root, 'val')
+    root = shards('gz')
+    (root / 'val-0000.tar').write_bytes(gzip.compress((root / 'val-0000.tar').read_bytes()))
+    with pytest.raises(DataError, match='gzip-compressed.*uncompressed .tar'):
+        create_image_dataset('wds/x', root, 'val')
+    root = shards('noimage')
+    with pytest.raises(DataError, match='sample "a_0" of shard .* has no image member.*looked for jpg, webp'):
+        create_image_dataset('wds/x', root, 'val', input_key='jpg;webp')
+    with pytest.raises(DataError, match='has no label: every sample needs a json sidecar'):
+        create_image_dataset('wds/x', root, 'val', target_key='label')
+    with pytest.raises(DataError, match='take only input_key and target_key'):
+        create_image_dataset('wds/x', root, 'val', filename_key='f')
+    # a shard with another number of samples than the info file says: indexed as it is, with a warning
+    root = shards('short')
+    with tarfile.open(root / 'val-0000.tar') as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(root / 'val-0000.tar', 'w') as tar:
+        for m, data in members[:-2]:  # the last sample (image + cls) dropped
+            tar.addfile(m, io.BytesIO(data))
+    ds = create_image_dataset('wds/x', root, 'val')
+    assert len(ds) == 5 and 'shard val-0000.tar holds 2 samples, the info file' in caplog.text
 
 
 def test_class_map_fixes_the_indices(folder, tmp_path):

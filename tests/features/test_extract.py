@@ -357,7 +357,7 @@ def test_a_foreign_index_json_is_not_replaced_without_overwrite(images, weights,
 @pytest.mark.parametrize('source', ['tar', 'hfds'])
 def test_dataset_sources_give_the_rows_of_the_folder(tmp_path, source):
     """--dataset (timm's create_dataset: a .tar, a Hugging Face save_to_disk folder) embeds the same images,
-    one row per image, keyed by the data set's file names; webdataset shards are refused (no file names)."""
+    one row per image, keyed by the data set's file names."""
     from epsanet.data.synthetic import write_hf_dataset, write_image_folder, write_tar
 
     folder = write_image_folder(tmp_path / 'imgs', classes=('a', 'b'), splits={'val': 3}, size=32) / 'val'
@@ -376,7 +376,62 @@ def test_dataset_sources_give_the_rows_of_the_folder(tmp_path, source):
     torch.testing.assert_close(a.rows(0, 6)['features'], b.rows(0, 6)['features'], atol=1e-4, rtol=1e-4)
 
 
-def test_webdataset_source_is_refused_with_a_reason(tmp_path):
-    with pytest.raises(ConfigError, match='random access'):
-        extract(ExtractConfig(data_dir=str(tmp_path), dataset='wds/x', output=str(tmp_path / 'o'), workers=0,
-                              progress=False))
+def _wds_to_folder_name(name: str) -> str:
+    """``val-000S.tar/<class>_<stem>.png`` (write_wds's key) -> ``<class>/<stem>.png``."""
+    cls, stem = name.split('/', 1)[1].split('_', 1)
+    return f'{cls}/{stem}'
+
+
+def test_webdataset_shards_give_the_rows_of_the_folder(images, weights, tmp_path):
+    """--dataset wds/NAME: the shards are indexed once and read by sample; one row per readable sample keyed
+    ``<shard>/<key>.<ext>``, equal to the same image's row from the folder; the corrupt sample has no row."""
+    from epsanet.data.synthetic import write_wds
+
+    shards = write_wds(images, tmp_path / 'wds', 'val', shards=3)
+    out = extract(_cfg(shards, weights, tmp_path / 'from-wds', dataset='wds/x', split='val'))
+    ref = extract(_cfg(images, weights, tmp_path / 'from-folder'))
+    assert out['count'] == ref['count'] == 14 and out['skipped'] == 1
+    a, b = load(tmp_path / 'from-wds'), load(tmp_path / 'from-folder')
+    assert a.paths[0] == 'val-0000.tar/d0_0000.png' and len(set(a.paths)) == 14
+    assert [_wds_to_folder_name(n) for n in a.skipped] == ['d1/0005x.png']
+    rows = [b.paths.index(_wds_to_folder_name(n)) for n in a.paths]
+    torch.testing.assert_close(a.rows(0, 14)['features'], b.rows(0, 14)['features'][rows], atol=1e-5, rtol=1e-5)
+
+
+def test_webdataset_shards_resumed_by_two_processes(images, weights, tmp_path, monkeypatch):
+    """One process stopped by Ctrl-C after 3 chunks; torchrun with 2 CPU processes (gloo) finishes the rest."""
+    from epsanet.data.synthetic import write_wds
+
+    shards = write_wds(images, tmp_path / 'wds', 'val', shards=2)
+    args = dict(dataset='wds/x', split='val', shard_size=str(2 * ROW_BYTES + 256), batch_size=2)
+    module = sys.modules['epsanet.features.extract']
+
+    class CtrlC:
+        def __init__(self, *a, **k):
+            self.n = 0
+
+        def update(self, n):
+            self.n += 1
+            if self.n == 4:
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+    monkeypatch.setattr(module, 'progress', CtrlC)
+    with pytest.raises(KeyboardInterrupt):
+        extract(_cfg(shards, weights, tmp_path / 'two', **args))
+    monkeypatch.undo()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'epsanet',
+           'extract', '--dataset', 'wds/x', '--split', 'val', '--data-dir', str(shards), '--checkpoint', str(weights),
+           '--shard-size', str(2 * ROW_BYTES + 256), '-b', '2', '-j', '0', '--no-progress', '--device', 'cpu',
+           '--output', str(tmp_path / 'two')]
+    run = _run(cmd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'resuming: 3 of 8 chunks are already complete; 5 to go' in run.stderr
+    assert 'rank 1:' in run.stderr and 'rank 0:' in run.stderr
+    extract(_cfg(shards, weights, tmp_path / 'one', **args))
+    two, one = load(tmp_path / 'two'), load(tmp_path / 'one')
+    assert two.paths == one.paths and len(two.paths) == 14 and two.skipped == one.skipped
+    assert [_wds_to_folder_name(n) for n in two.skipped] == ['d1/0005x.png']
+    torch.testing.assert_close(two.rows(0, 14)['features'], one.rows(0, 14)['features'], atol=1e-5, rtol=1e-5)
+    assert two.verify() == []

@@ -126,7 +126,7 @@ def _inputs(cfg: PredictConfig) -> Tuple[Dataset, List[str], str]:
         return ImageFiles(paths, strict=cfg.strict), paths, ', '.join(cfg.inputs)
     if not cfg.data_dir and not cfg.dataset:
         raise ConfigError('nothing to predict: give image files, folders or glob patterns (or --data-dir).')
-    dataset = dataset_from_config(cfg, cfg.split)  # random access for every source (wds/: indexed shards)
+    dataset = dataset_from_config(cfg, cfg.split, labels=False)  # random access (wds/: indexed shards)
     if cfg.strict and hasattr(dataset, 'verify'):
         bad = dataset.verify(progress=cfg.progress)
         if bad:

@@ -132,3 +132,25 @@ def test_webdataset_shards_rows_keyed_by_sample(trained, tmp_path, capsys):
     v = validate(ValidateConfig(dataset='wds/x', data_dir=str(shards), split='val', checkpoint=str(weights),
                                 workers=0, progress=False))
     assert v['count'] == 36 and v['skipped_files'] == result.skipped and v['correct'] == correct
+
+
+def test_unlabelled_webdataset_shards_are_predicted(trained, tmp_path):
+    """Shards without labels (new images to classify): predict reads them; validate says what is missing."""
+    import tarfile
+
+    from epsanet.data.synthetic import write_wds
+
+    data, weights, _ = trained
+    shards = write_wds(data / 'val', tmp_path / 'wds', 'val', shards=2)
+    for shard in sorted(shards.glob('*.tar')):  # drop every .cls member
+        kept = tmp_path / 'kept.tar'
+        with tarfile.open(shard) as src, tarfile.open(kept, 'w') as dst:
+            for m in src:
+                if not m.name.endswith('.cls'):
+                    dst.addfile(m, src.extractfile(m))
+        kept.replace(shard)
+    result = predict(_cfg(dataset='wds/x', data_dir=str(shards), split='val', checkpoint=str(weights)))
+    assert result.count == 36 and len(result.skipped) == 1
+    with pytest.raises(DataError, match='has no label'):
+        validate(ValidateConfig(dataset='wds/x', data_dir=str(shards), split='val', checkpoint=str(weights),
+                                workers=0, progress=False))

@@ -48,10 +48,12 @@ class ShardReader:
         input_key: image extensions to look for, first present wins (timm's ``input_key``).
         target_key: a field of the ``json`` sidecar holding the class index (default: the ``cls`` member,
             or the split's ``alt_label`` field).
+        labels: False (prediction, feature extraction): labels are not read; every sample with an image is
+            taken, with target 0, so unlabelled shards work too.
     """
 
     def __init__(self, root: Union[str, os.PathLike], split: str, class_map: Union[str, dict, None] = None,
-                 input_key: str = 'jpg;png;webp', target_key: Optional[str] = None):
+                 input_key: str = 'jpg;png;webp', target_key: Optional[str] = None, labels: bool = True):
         try:
             import webdataset  # noqa: F401  (timm's info-file helpers and the key rule come from it)
         except ImportError as e:
@@ -77,6 +79,7 @@ class ShardReader:
         if ',' in (target_key or ''):
             raise DataError(f'target_key "{target_key}": multi-field targets are not supported for random access to '
                             'webdataset shards; give one json field holding the class index.')
+        self.labels = labels
         self.input_exts = [e.strip().lower() for e in input_key.split(';') if e.strip()]
         self.json_key = target_key or self.split_info.alt_label or None
         self.shards = list(self.split_info.filenames)
@@ -157,7 +160,7 @@ class ShardReader:
                             f'{", ".join(sorted(members))}; looked for {", ".join(self.input_exts)}). '
                             'Add the image, or name its extension in input_key (create_image_dataset(..., '
                             'input_key="jpeg;jpg;png")).')
-        target = self._target(tar, shard, key, members)
+        target = self._target(tar, shard, key, members) if self.labels else 0
         if target is None:
             return 1
         image = members[ext]

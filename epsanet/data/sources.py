@@ -177,9 +177,11 @@ class _TorchvisionReader:
 
 
 class _SavedHfReader:
-    """A ``datasets`` ``save_to_disk`` folder as a timm-style reader (undecoded image bytes, label)."""
+    """A ``datasets`` ``save_to_disk`` folder as a timm-style reader (undecoded image bytes, label).
+    With ``labels=False`` a data set without the label column is read too (every target 0)."""
 
-    def __init__(self, path: str, split: str, image_key: str = 'image', label_key: str = 'label'):
+    def __init__(self, path: str, split: str, image_key: str = 'image', label_key: str = 'label',
+                 labels: bool = True):
         import datasets
 
         loaded = datasets.load_from_disk(path)
@@ -188,15 +190,19 @@ class _SavedHfReader:
                 raise DataError(f'the Hugging Face data set {path} has no split "{split}" (it has: '
                                 f'{", ".join(loaded)}).')
             loaded = loaded[split]
+        if not labels and label_key not in loaded.features:
+            label_key = None
         for key in (image_key, label_key):
-            if key not in loaded.features:
+            if key is not None and key not in loaded.features:
                 raise DataError(f'the Hugging Face data set {path} has no "{key}" column (columns: '
                                 f'{", ".join(loaded.features)}).')
         self.ds = loaded.cast_column(image_key, datasets.Image(decode=False))
         self.image_key, self.label_key = image_key, label_key
-        feature = loaded.features[label_key]
-        self.classes = list(getattr(feature, 'names', None) or
-                            [str(i) for i in range(max(self.ds[label_key]) + 1)])
+        self.classes = []
+        if label_key is not None:
+            feature = loaded.features[label_key]
+            self.classes = list(getattr(feature, 'names', None) or
+                                [str(i) for i in range(max(self.ds[label_key]) + 1)])
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -205,7 +211,8 @@ class _SavedHfReader:
         item = self.ds[index]
         image = item[self.image_key]
         data = image.get('bytes')
-        return (io.BytesIO(data) if data else open(image['path'], 'rb')), item[self.label_key]
+        target = item[self.label_key] if self.label_key is not None else 0
+        return (io.BytesIO(data) if data else open(image['path'], 'rb')), target
 
     def filename(self, index: int) -> str:
         image = self.ds[index][self.image_key]
@@ -240,6 +247,7 @@ def create_image_dataset(
         mark_unreadable: bool = False,
         batch_size: int = 1,
         seed: int = 42,
+        labels: bool = True,
         **kwargs: Any,
 ) -> Dataset:
     """A data set of ``(image, target)`` samples from any source named as timm's ``--dataset``.
@@ -255,6 +263,8 @@ def create_image_dataset(
         mark_unreadable: evaluation: an unreadable image comes back with a negative target instead of
             being replaced (see :func:`~epsanet.data.folder.unreadable_target`).
         batch_size, seed: hints for streamed (``wds/``) data sets.
+        labels: whether the samples need their labels. False (prediction, feature extraction) also takes
+            unlabelled images of indexed ``wds/`` shards and saved ``hfds/`` data sets, with target 0.
         kwargs: passed to timm's reader (e.g. ``input_key``, ``target_key``; for indexed ``wds/`` shards
             these two only).
 
@@ -276,11 +286,11 @@ def create_image_dataset(
         folder = split_dir(root, split) if split else Path(root)
         return ImageFolder(folder, class_map=class_map, **opts)
     if prefix == 'hfds':
-        return _hfds_dataset(name.split('/', 1)[1], root, split, class_map, kwargs, **opts)
+        return _hfds_dataset(name.split('/', 1)[1], root, split, class_map, kwargs, labels, **opts)
     if prefix == 'torch':
         return _torch_dataset(name, root, split, download, **opts)
     if not is_training:
-        return _indexed_wds_dataset(name, root, split, class_map, kwargs, **opts)
+        return _indexed_wds_dataset(name, root, split, class_map, kwargs, labels, **opts)
     return _wds_dataset(name, root, split, class_map, is_training, batch_size, seed, kwargs)
 
 
@@ -297,7 +307,8 @@ def _tar_dataset(path: Path, class_map, **opts) -> ReaderDataset:
     return ReaderDataset(reader, _classes_of(reader.class_name_to_idx), str(path), **opts)
 
 
-def _hfds_dataset(ds_name: str, root: str, split: str, class_map, kwargs, **opts) -> ReaderDataset:
+def _hfds_dataset(ds_name: str, root: str, split: str, class_map, kwargs, labels: bool = True,
+                  **opts) -> ReaderDataset:
     try:
         import datasets  # noqa: F401
     except ImportError as e:
@@ -305,7 +316,8 @@ def _hfds_dataset(ds_name: str, root: str, split: str, class_map, kwargs, **opts
     local = Path(ds_name) if Path(ds_name).exists() else (Path(root) / ds_name if root else None)
     if local is not None and local.exists() and (
             (local / 'dataset_dict.json').is_file() or (local / 'state.json').is_file()):
-        reader = _SavedHfReader(str(local), split, kwargs.get('input_key', 'image'), kwargs.get('target_key', 'label'))
+        reader = _SavedHfReader(str(local), split, kwargs.get('input_key', 'image'), kwargs.get('target_key', 'label'),
+                                labels=labels)
         classes = reader.classes
     else:
         from timm.data.readers.reader_hfds import ReaderHfds
@@ -337,7 +349,8 @@ def _torch_dataset(name: str, root: str, split: str, download: bool, **opts) -> 
     return ReaderDataset(_TorchvisionReader(ds), classes, f'{name}:{split}', **opts)
 
 
-def _indexed_wds_dataset(name: str, root: str, split: str, class_map, kwargs, **opts) -> ReaderDataset:
+def _indexed_wds_dataset(name: str, root: str, split: str, class_map, kwargs, labels: bool = True,
+                         **opts) -> ReaderDataset:
     from .shards import ShardReader
 
     if not root:
@@ -346,7 +359,7 @@ def _indexed_wds_dataset(name: str, root: str, split: str, class_map, kwargs, **
     if unknown:
         raise DataError(f'--dataset {name}: indexed webdataset shards take only input_key and target_key, not '
                         f'{", ".join(sorted(unknown))}.')
-    reader = ShardReader(root, split, class_map=class_map, **kwargs)
+    reader = ShardReader(root, split, class_map=class_map, labels=labels, **kwargs)
     if len(reader) == 0:
         raise DataError(f'the split "{split}" of {root} holds no samples.')
     return ReaderDataset(reader, reader.classes, f'{name}:{root}/{split}', **opts)

@@ -72,7 +72,7 @@ def build_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
 
 
 def _named_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
-    dataset = dataset_from_config(cfg, cfg.split)  # random access for every source (wds/: indexed shards)
+    dataset = dataset_from_config(cfg, cfg.split, labels=False)  # random access (wds/: indexed shards)
     if cfg.strict and hasattr(dataset, 'verify'):
         bad = dataset.verify(progress=cfg.progress)
         if bad:

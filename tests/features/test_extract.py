@@ -354,10 +354,10 @@ def test_a_foreign_index_json_is_not_replaced_without_overwrite(images, weights,
     assert (out / 'index.json').read_text() == '{"something": "else"}'
 
 
-@pytest.mark.parametrize('source', ['tar', 'hfds'])
+@pytest.mark.parametrize('source', ['tar', 'hfds', 'hfds_unlabelled'])
 def test_dataset_sources_give_the_rows_of_the_folder(tmp_path, source):
-    """--dataset (timm's create_dataset: a .tar, a Hugging Face save_to_disk folder) embeds the same images,
-    one row per image, keyed by the data set's file names."""
+    """--dataset (timm's create_dataset: a .tar, a Hugging Face save_to_disk folder, also one without labels)
+    embeds the same images, one row per image, keyed by the data set's file names."""
     from epsanet.data.synthetic import write_hf_dataset, write_image_folder, write_tar
 
     folder = write_image_folder(tmp_path / 'imgs', classes=('a', 'b'), splits={'val': 3}, size=32) / 'val'
@@ -365,6 +365,12 @@ def test_dataset_sources_give_the_rows_of_the_folder(tmp_path, source):
         cfg = dict(data_dir=str(write_tar(folder, tmp_path / 'val.tar')), dataset='image_folder')
     else:
         root = write_hf_dataset(folder, tmp_path / 'hf', split='val')
+        if source == 'hfds_unlabelled':
+            import datasets
+
+            unlabelled = datasets.load_from_disk(str(root)).remove_columns('label')
+            root = tmp_path / 'hf-unlabelled'
+            unlabelled.save_to_disk(str(root))
         cfg = dict(data_dir=str(root), dataset=f'hfds/{root}', split='val')
     common = dict(img_size=32, workers=0, batch_size=4, progress=False)
     out = extract(ExtractConfig(output=str(tmp_path / 'from-source'), **cfg, **common))

@@ -1,11 +1,18 @@
 """ONNX graphs in the form onnxruntime runs fastest: ``optimize_for_onnxruntime(model)``.
 
 onnxruntime's CPU kernels run grouped convs with large kernels and few channels per group far below
-their speed on depthwise convs. The same conv written as depthwise convs plus a sum over each group's
-input channels (:func:`~epsanet.optimize.conv_forms.grouped_conv_as_depthwise`) has the same
-multiply-adds and numbers, and exports to ONNX as plain ``Conv``/``ReduceSum`` nodes. Which form wins
-depends on the shape and the CPU, so the transform times both in onnxruntime, on this machine, for
-every distinct PSA branch shape at the export's input size, and keeps the faster one per shape.
+their speed on dense and depthwise convs: its blocked (NCHWc) conv kernels need whole channel blocks
+in every group. Two other forms of the same conv export to plain ONNX nodes with the same numbers:
+
+* depthwise convs plus a sum over each group's input channels
+  (:func:`~epsanet.optimize.conv_forms.grouped_conv_as_depthwise`, :class:`DepthwiseSumConv2d`): the
+  same multiply-adds;
+* groups merged ``m`` at a time (:class:`GroupMergedConv2d`): a conv with ``groups / m`` groups whose
+  weight is block diagonal (zeros between the merged groups), ``m`` times the multiply-adds but whole
+  channel blocks per group.
+
+Which form wins depends on the shape and the CPU, so the transform times each in onnxruntime, on this
+machine, for every distinct PSA branch shape at the export's input size, and keeps the fastest.
 ``epsanet export --format onnx`` applies it (``--onnx-forms plain`` turns it off); the export's own
 check compares the file with PyTorch.
 """
@@ -15,17 +22,20 @@ import os
 import tempfile
 import time
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers.psa import PyramidSqueezeAttention
 from .conv_forms import ConvShape, forward_candidates, grouped_conv_as_depthwise
 
-__all__ = ['DepthwiseSumConv2d', 'optimize_for_onnxruntime']
+__all__ = ['DepthwiseSumConv2d', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 
 _logger = logging.getLogger(__name__)
+
+MERGES = (2, 4)  # group-merge factors tried
 
 
 class DepthwiseSumConv2d(nn.Conv2d):
@@ -44,6 +54,49 @@ class DepthwiseSumConv2d(nn.Conv2d):
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         return grouped_conv_as_depthwise(x, self.weight, self.stride[0], self.padding[0], self.dilation[0], self.groups,
                                          shape)
+
+
+class GroupMergedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameter, same numbers) run as a conv with ``groups / merge`` groups and a
+    block-diagonal weight built from the parameter (constant-folded at export). Build it with
+    :meth:`from_conv`."""
+
+    merge: int
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, merge: int) -> 'GroupMergedConv2d':
+        if merge < 2 or conv.groups % merge:
+            raise ValueError(f'cannot merge the {conv.groups} groups of {conv} {merge} at a time.')
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, bias=False, device='meta')
+        new.weight = conv.weight
+        new.merge = merge
+        new.train(conv.training)
+        return new
+
+    def merged_weight(self) -> torch.Tensor:
+        """``[out, merge * in_per_group, kh, kw]``: each merged group's weights on its own inputs, zeros elsewhere."""
+        m, g = self.merge, self.groups
+        out_pg, in_pg = self.out_channels // g, self.in_channels // g
+        kh, kw = self.kernel_size
+        mask = torch.eye(m, dtype=self.weight.dtype, device=self.weight.device).reshape(1, m, 1, m, 1, 1, 1)
+        w = self.weight.reshape(g // m, m, out_pg, 1, in_pg, kh, kw) * mask
+        return w.reshape(self.out_channels, m * in_pg, kh, kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.groups // self.merge
+        return F.conv2d(x, self.merged_weight(), None, self.stride, self.padding, self.dilation, groups)
+
+
+def _forms(conv: nn.Conv2d, shape: ConvShape) -> Dict[str, Callable[[nn.Conv2d], nn.Module]]:
+    """The candidate forms of a branch conv for onnxruntime: name -> factory."""
+    forms: Dict[str, Callable[[nn.Conv2d], nn.Module]] = {'grouped': lambda c: c}
+    if 'depthwise_nchw' in forward_candidates(shape):
+        forms['depthwise'] = DepthwiseSumConv2d.from_conv
+    for m in MERGES:
+        if conv.groups % m == 0:
+            forms[f'merged{m}'] = lambda c, m=m: GroupMergedConv2d.from_conv(c, m)
+    return forms
 
 
 def _branch_shapes(model: nn.Module, example: torch.Tensor) -> Dict[nn.Conv2d, ConvShape]:
@@ -94,21 +147,30 @@ def optimize_for_onnxruntime(model: nn.Module, input_size: Sequence[int] = (3, 2
     model = copy.deepcopy(model).eval()
     example = torch.zeros(batch_size, *input_size)
     shapes = _branch_shapes(model, example)
-    chosen: Dict[Tuple, bool] = {}
+    chosen: Dict[ConvShape, str] = {}
     for psa in [m for m in model.modules() if isinstance(m, PyramidSqueezeAttention)]:
         for i, conv in enumerate(psa.convs):
             shape = shapes.get(conv)
-            if shape is None or 'depthwise_nchw' not in forward_candidates(shape):
+            if shape is None or conv.groups == 1:
                 continue
+            forms = _forms(conv, shape)
             if shape not in chosen:
                 x = torch.randn(shape.batch, shape.in_chs, shape.height, shape.width)
-                grouped = _ort_ms(conv, x, threads)
-                depthwise = _ort_ms(DepthwiseSumConv2d.from_conv(conv), x, threads)
-                chosen[shape] = depthwise < grouped
-                _logger.debug(f'onnxruntime, {shape}: grouped {grouped:.2f} ms, depthwise {depthwise:.2f} ms')
-            if chosen[shape]:
-                psa.convs[i] = DepthwiseSumConv2d.from_conv(conv)
-    swapped = sum(isinstance(m, DepthwiseSumConv2d) for m in model.modules())
-    _logger.info(f'optimize_for_onnxruntime: {swapped} PSA branch convs as depthwise convs plus sums '
-                 f'(measured faster in onnxruntime on this CPU at {tuple(input_size)}, batch {batch_size}).')
+                ms = {name: _ort_ms(make(conv), x, threads) for name, make in forms.items()}
+                chosen[shape] = min(ms, key=ms.get)
+                _logger.debug(f'onnxruntime, {shape}: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in ms.items()))
+            psa.convs[i] = forms[chosen[shape]](conv)
+    counts = {name: sum(1 for psa in model.modules() if isinstance(psa, PyramidSqueezeAttention)
+                        for c in psa.convs if _form_name(c) == name) for name in ('depthwise', 'merged')}
+    _logger.info(f'optimize_for_onnxruntime: {counts["depthwise"]} PSA branch convs as depthwise convs plus sums, '
+                 f'{counts["merged"]} with merged groups (measured faster in onnxruntime on this CPU at '
+                 f'{tuple(input_size)}, batch {batch_size}).')
     return model
+
+
+def _form_name(conv: nn.Module) -> str:
+    if isinstance(conv, DepthwiseSumConv2d):
+        return 'depthwise'
+    if isinstance(conv, GroupMergedConv2d):
+        return 'merged'
+    return 'grouped'

@@ -7,7 +7,7 @@ import torch
 
 from epsanet.export import export_model, load_exported
 from epsanet.optimize import onnx_forms
-from epsanet.optimize.onnx_forms import DepthwiseSumConv2d, optimize_for_onnxruntime
+from epsanet.optimize.onnx_forms import DepthwiseSumConv2d, GroupMergedConv2d, optimize_for_onnxruntime
 
 
 def test_depthwise_sum_conv_is_the_same_conv():
@@ -19,22 +19,38 @@ def test_depthwise_sum_conv_is_the_same_conv():
     torch.testing.assert_close(dw(x), conv(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('depthwise_faster', [True, False])
-def test_keeps_the_faster_form_and_the_outputs(monkeypatch, tmp_path, caplog, depthwise_faster):
+@pytest.mark.parametrize('merge', [2, 4])
+def test_group_merged_conv_is_the_same_conv(merge):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 32, 5, stride=2, padding=2, groups=8, bias=False)
+    merged = GroupMergedConv2d.from_conv(conv, merge)
+    assert merged.weight is conv.weight and list(merged.state_dict()) == ['weight']
+    w = merged.merged_weight()
+    assert w.shape == (32, 8 * merge, 5, 5) and (w != 0).sum() == conv.weight.numel()  # block diagonal
+    x = torch.randn(2, 64, 12, 12)
+    torch.testing.assert_close(merged(x), conv(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='cannot merge'):
+        GroupMergedConv2d.from_conv(conv, 3)
+
+
+@pytest.mark.parametrize('fastest', ['depthwise', 'merged', 'grouped'])
+def test_keeps_the_faster_form_and_the_outputs(monkeypatch, tmp_path, caplog, fastest):
     caplog.set_level(logging.INFO, logger='epsanet.optimize.onnx_forms')
+    kinds = {'depthwise': DepthwiseSumConv2d, 'merged': GroupMergedConv2d}
 
     def fake_ms(module, x, threads, repeats=3):  # the timing decides; pretend one form is faster
-        return 1.0 if isinstance(module, DepthwiseSumConv2d) == depthwise_faster else 2.0
+        return 1.0 if fastest in kinds and isinstance(module, kinds[fastest]) else 2.0
     monkeypatch.setattr(onnx_forms, '_ort_ms', fake_ms)
     torch.manual_seed(0)
     model = timm.create_model('epsanet50', num_classes=4).eval()
     fast = optimize_for_onnxruntime(model, input_size=(3, 32, 32), batch_size=2)
-    swapped = sum(isinstance(m, DepthwiseSumConv2d) for m in fast.modules())
-    # branches with 1-4 outputs per group (and > 1 input): 5x5 of stage 1 (3 blocks), 7x7 of stages 1-2 (3 + 4),
-    # 9x9 of stages 1-3 (3 + 4 + 6)
-    assert swapped == (23 if depthwise_faster else 0)
-    assert not any(isinstance(m, DepthwiseSumConv2d) for m in model.modules())  # the original is untouched
-    assert f'{swapped} PSA branch convs as depthwise' in caplog.text
+    depthwise = sum(isinstance(m, DepthwiseSumConv2d) for m in fast.modules())
+    merged = sum(isinstance(m, GroupMergedConv2d) for m in fast.modules())
+    # depthwise: branches with 1-4 outputs per group (and > 1 input): 5x5 of stage 1 (3 blocks), 7x7 of stages
+    # 1-2 (3 + 4), 9x9 of stages 1-3 (3 + 4 + 6); merged: every grouped branch (3 per block, 16 blocks)
+    assert (depthwise, merged) == {'depthwise': (23, 0), 'merged': (0, 48), 'grouped': (0, 0)}[fastest]
+    assert not any(isinstance(m, (DepthwiseSumConv2d, GroupMergedConv2d)) for m in model.modules())  # untouched
+    assert f'{depthwise} PSA branch convs as depthwise convs plus sums, {merged} with merged groups' in caplog.text
     path = tmp_path / 'm.onnx'
     export_model(fast, str(path), input_size=(3, 32, 32), check=True)  # the export's own check: <= 1e-4
     x = torch.randn(3, 3, 32, 32)

@@ -564,7 +564,7 @@ def run_benchmark(
     inference rows (mode ``onnxruntime``) of every candidate exported to ONNX and run by onnxruntime's
     CPU session at ``batch_size`` and ``img_size``.
     """
-    from tqdm import tqdm
+    from .progress import progress as bar_for
 
     _check_names(model_name, baselines)
     for values, allowed, what in ((modes, MODES, 'mode'), (memory_formats, tuple(MEMORY_FORMATS), 'memory format'),
@@ -597,7 +597,7 @@ def run_benchmark(
 
     rows: List[Row] = []
     logits_ok: Optional[bool] = None
-    with tqdm(total=total, desc=f'benchmark {model_name}', disable=not progress, unit='step') as bar:
+    with bar_for(total=total, desc=f'benchmark {model_name}', enabled=progress, unit='step') as bar:
         for setting, cands in plan:
             diff = None
             if setting.mode == 'infer':
@@ -605,7 +605,7 @@ def run_benchmark(
                 if setting.dtype == 'fp32':
                     logits_ok = (logits_ok is not False) and diff <= tol
             for compiled in compiled_flags:
-                bar.set_postfix_str(setting.label() + (' compiled' if compiled else ''))
+                bar.set_description(f'benchmark {model_name}: ' + setting.label() + (' compiled' if compiled else ''))
                 n_reps = reps if setting.mode == 'infer' else train_reps
                 new = time_setting(cands, setting, n_reps, compiled=compiled, seed=seed, tick=bar.update)
                 for r in new:
@@ -618,7 +618,7 @@ def run_benchmark(
         if optimize:  # ours as `epsanet export --format onnx` writes it: branch forms timed in onnxruntime
             from .optimize.onnx_forms import optimize_for_onnxruntime
             plain[model_name] = optimize_for_onnxruntime(plain[model_name], (3, img_size, img_size), batch_size)
-        with tqdm(total=len(plain) * reps, desc='onnxruntime', disable=not progress, unit='step') as bar:
+        with bar_for(total=len(plain) * reps, desc='onnxruntime', enabled=progress, unit='step') as bar:
             rows += time_onnxruntime(plain, Setting('infer', batch_size, img_size), reps, torch.get_num_threads(),
                                      tick=bar.update)
 
@@ -627,7 +627,7 @@ def run_benchmark(
         mem_settings = [Setting(m, memory_batch_size if m == 'train' else batch_size, img_size,
                                 memory_formats[0], 'fp32') for m in memory_modes]
         names = list(candidates)
-        for setting in tqdm(mem_settings, desc='peak memory', disable=not progress):
+        for setting in bar_for(mem_settings, desc='peak memory', enabled=progress):
             for name in names:
                 peak = measure_peak_memory(name, model_name, setting, optimize=optimize)
                 memory_rows.append(Row(name, setting, False, [], 0., 0., 0., peak_mem_mib=peak))

@@ -141,6 +141,47 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, num_outputs:
         torch.onnx.export(
             model, (example,), path, dynamo=False, opset_version=opset, input_names=['input'],
             output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    if dynamic:
+        keep_batch_in_reshapes(path)
+
+
+def keep_batch_in_reshapes(path: str) -> int:
+    """Rewrite, in the ONNX file at ``path``, every ``Reshape`` to a constant ``[-1, d1, ...]`` that keeps the
+    batch (the input's first dimension, as ONNX shape inference shows when ``d1 * ... `` is the input's
+    per-sample size) as a ``Reshape`` to ``[0, d1, ...]`` (0: copy the input's dimension). The numbers do
+    not change; shape inference then keeps the name of the dynamic batch dimension through the reshape,
+    so that onnxruntime's layout optimiser can show that a residual ``Add`` has equal input shapes and fuse
+    it into the conv before it. Returns the number of reshapes rewritten."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value if d.HasField('dim_value') else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == 'Constant'}
+    initializers = {t.name: t for t in model.graph.initializer}
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != 'Reshape':
+            continue
+        source = constants.get(node.input[1])
+        tensor = source.attribute[0].t if source is not None and source.attribute else initializers.get(node.input[1])
+        if tensor is None:
+            continue
+        shape = numpy_helper.to_array(tensor)
+        in_dims = dims.get(node.input[0])
+        if (shape.ndim != 1 or len(shape) < 2 or shape[0] != -1 or (shape[1:] <= 0).any() or not in_dims
+                or any(d is None for d in in_dims[1:]) or int(np.prod(in_dims[1:])) != int(np.prod(shape[1:]))):
+            continue
+        new = numpy_helper.from_array(np.concatenate([[0], shape[1:]]).astype(np.int64), f'{node.name}_keep_batch')
+        model.graph.initializer.append(new)
+        node.input[1] = new.name
+        rewritten += 1
+    if rewritten:
+        onnx.save(model, path)
+    return rewritten
 
 
 def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, method: str):

@@ -57,10 +57,11 @@ def test_run_benchmark_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    """Also: with stderr not a terminal (here captured), progress is plain lines, no carriage returns."""
     out_json, out_md = tmp_path / 'sub' / 'r.json', tmp_path / 'r.md'
     rc = main(['benchmark', '--model', 'epsanet50_large', '--batch-size', '1', '--img-size', '32',
                '--modes', 'infer', '--formats', 'channels_last', '--dtypes', 'bf16', '--baselines',
-               '--batch-sweep', '--img-sweep', '--reps', '1', '--no-memory', '--no-progress', '--runtime', 'torch',
+               '--batch-sweep', '--img-sweep', '--reps', '1', '--no-memory', '--runtime', 'torch',
                '--json', str(out_json), '--markdown', str(out_md)])
     assert rc == 0
     data = json.loads(out_json.read_text())
@@ -68,7 +69,8 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert all(r['setting']['dtype'] == 'bf16' and r['setting']['memory_format'] == 'channels_last'
                for r in data['rows'])
     assert '| epsanet50_large | infer | channels_last | bf16 | 1 | 32 |' in out_md.read_text()
-    assert 'wrote' in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert 'wrote' in captured.out and '\r' not in captured.err
 
 
 @pytest.mark.slow

@@ -94,13 +94,16 @@ def weight_grad_candidates(shape: ConvShape) -> List[str]:
 
 
 def grouped_conv_as_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int,
-                              groups: int, weight_shape: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+                              groups: int, weight_shape: Optional[Tuple[int, int, int, int]] = None,
+                              out_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``conv2d(x, weight, groups=groups)`` computed with depthwise convs and sums.
 
     Output channel ``j`` of group ``g`` is the sum over the group's ``I`` input channels ``i`` of
     ``x[g, i] * weight[g, j, i]``: one depthwise conv over all input channels per output channel ``j``
-    of a group, then a sum over ``i``. ``weight_shape`` gives the weight's shape as Python ints, for
-    tracing (ONNX export), which would otherwise record the sizes as tensors.
+    of a group, then a sum over ``i``. For tracing (ONNX export), which would otherwise record sizes as
+    tensors computed from the input's shape, ``weight_shape`` gives the weight's shape and ``out_hw``
+    the output's height and width as Python ints: the graph's reshapes then have constant shapes
+    (batch ``-1``), which ONNX shape inference can follow.
     """
     out_chs, in_per_group, kh, kw = weight_shape or weight.shape
     out_per_group = out_chs // groups
@@ -109,10 +112,12 @@ def grouped_conv_as_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: int
     for j in range(out_per_group):
         w = per_out[:, j].reshape(groups * in_per_group, 1, kh, kw)
         y = F.conv2d(x, in_format_of(w, x), None, stride, padding, dilation, groups * in_per_group)
-        outs.append(y.unflatten(1, (groups, in_per_group)).sum(dim=2))
+        y = y.reshape(-1, groups, in_per_group, *out_hw) if out_hw else y.unflatten(1, (groups, in_per_group))
+        outs.append(y.sum(dim=2))
     if out_per_group == 1:
         return outs[0]
-    return torch.stack(outs, dim=2).flatten(1, 2)  # channel g * out_per_group + j
+    stacked = torch.stack(outs, dim=2)  # channel g * out_per_group + j
+    return stacked.reshape(-1, out_chs, *out_hw) if out_hw else stacked.flatten(1, 2)
 
 
 def run_forward(form: str, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int,

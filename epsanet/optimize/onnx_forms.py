@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from torch import nn
 from ..layers.psa import PyramidSqueezeAttention
 from .conv_forms import ConvShape, forward_candidates, grouped_conv_as_depthwise
 
-__all__ = ['DepthwiseSumConv2d', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
+__all__ = ['DepthwiseSumConv2d', 'ExportPSA', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 
 _logger = logging.getLogger(__name__)
 
@@ -40,20 +40,28 @@ MERGES = (2, 4)  # group-merge factors tried
 
 class DepthwiseSumConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (same parameter, same numbers) computed as depthwise convs plus sums, in plain
-    torch ops, so that tracing and ONNX export record that form. Build it with :meth:`from_conv`."""
+    torch ops, so that tracing and ONNX export record that form. Build it with :meth:`from_conv`.
+
+    ``out_hw`` (set by :func:`optimize_for_onnxruntime` to the output size at the export's input size)
+    gives the reshapes constant shapes while tracing; eager calls work at any size.
+    """
+
+    out_hw: Optional[Tuple[int, int]] = None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> 'DepthwiseSumConv2d':
+    def from_conv(cls, conv: nn.Conv2d, out_hw: Optional[Tuple[int, int]] = None) -> 'DepthwiseSumConv2d':
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, bias=False, device='meta')
         new.weight = conv.weight
+        new.out_hw = out_hw
         new.train(conv.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        out_hw = self.out_hw if torch.jit.is_tracing() else None
         return grouped_conv_as_depthwise(x, self.weight, self.stride[0], self.padding[0], self.dilation[0], self.groups,
-                                         shape)
+                                         shape, out_hw)
 
 
 class GroupMergedConv2d(nn.Conv2d):
@@ -88,15 +96,40 @@ class GroupMergedConv2d(nn.Conv2d):
         return F.conv2d(x, self.merged_weight(), None, self.stride, self.padding, self.dilation, groups)
 
 
+class ExportPSA(PyramidSqueezeAttention):
+    """A PSA layer (same submodules, same numbers) whose attention keeps the batch as the first dimension of
+    every intermediate tensor: the SE module sees the branches as ``S x 1`` positions of an ``[N, C, S, 1]``
+    map instead of a batch of ``N * S`` vectors. In the exported graph every reshape then keeps the batch
+    (see :func:`epsanet.export.keep_batch_in_reshapes`), so ONNX shape inference can show that the block's
+    residual ``Add`` has equal input shapes, which onnxruntime needs to fuse it into a conv."""
+
+    @classmethod
+    def from_psa(cls, psa: PyramidSqueezeAttention) -> 'ExportPSA':
+        new = cls.__new__(cls)
+        new.__dict__.update(psa.__dict__)  # the same submodules and settings, no copies
+        return new
+
+    def attention(self, feats: torch.Tensor) -> torch.Tensor:
+        s, c = self.num_branches, self.branch_chs
+        means = feats.mean(dim=(2, 3)).reshape(-1, s, c).transpose(1, 2).unsqueeze(-1)  # [N, C, S, 1]
+        weights = self.se(means).softmax(dim=2)
+        return weights.squeeze(-1).transpose(1, 2).reshape(-1, s * c, 1, 1)
+
+
 def _forms(conv: nn.Conv2d, shape: ConvShape) -> Dict[str, Callable[[nn.Conv2d], nn.Module]]:
     """The candidate forms of a branch conv for onnxruntime: name -> factory."""
     forms: Dict[str, Callable[[nn.Conv2d], nn.Module]] = {'grouped': lambda c: c}
     if 'depthwise_nchw' in forward_candidates(shape):
-        forms['depthwise'] = DepthwiseSumConv2d.from_conv
+        forms['depthwise'] = lambda c: DepthwiseSumConv2d.from_conv(c, _out_hw(c, shape))
     for m in MERGES:
         if conv.groups % m == 0:
             forms[f'merged{m}'] = lambda c, m=m: GroupMergedConv2d.from_conv(c, m)
     return forms
+
+
+def _out_hw(conv: nn.Conv2d, shape: ConvShape) -> Tuple[int, int]:
+    k, s, p, d = shape.kernel_size, shape.stride, shape.padding, shape.dilation
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size in (shape.height, shape.width))
 
 
 def _branch_shapes(model: nn.Module, example: torch.Tensor) -> Dict[nn.Conv2d, ConvShape]:
@@ -147,6 +180,7 @@ def optimize_for_onnxruntime(model: nn.Module, input_size: Sequence[int] = (3, 2
     model = copy.deepcopy(model).eval()
     example = torch.zeros(batch_size, *input_size)
     shapes = _branch_shapes(model, example)
+    _swap_export_psa(model)
     chosen: Dict[ConvShape, str] = {}
     for psa in [m for m in model.modules() if isinstance(m, PyramidSqueezeAttention)]:
         for i, conv in enumerate(psa.convs):
@@ -166,6 +200,13 @@ def optimize_for_onnxruntime(model: nn.Module, input_size: Sequence[int] = (3, 2
                  f'{counts["merged"]} with merged groups (measured faster in onnxruntime on this CPU at '
                  f'{tuple(input_size)}, batch {batch_size}).')
     return model
+
+
+def _swap_export_psa(model: nn.Module) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is PyramidSqueezeAttention:
+                setattr(parent, name, ExportPSA.from_psa(child))
 
 
 def _form_name(conv: nn.Module) -> str:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-from tqdm import tqdm
 
 from ..models.flops import count_gflops
 from ..models.variants import infer_variant
+from ..progress import progress as progress_bar
 from .loading import WeightsError, _pick_state_dict, read_checkpoint, sha256_file
 from .model_card import dumps, render_model_card
 
@@ -174,7 +174,7 @@ def convert(
     if not src.is_file():
         raise FileNotFoundError(f'No weights file at {src}.')
     _check_out_dir(out_dir, overwrite)
-    with tqdm(total=5, desc='convert', disable=not progress, unit='step') as steps:
+    with progress_bar(total=5, desc='convert', enabled=progress, unit='step') as steps:
         result = _convert(src, out_dir, model_name, tag, license, provenance, metrics, check_img_size, steps,
                           label_names)
     _logger.info(f'Wrote {out_dir} ({result.model}, {result.num_classes} classes, sha256 {result.sha256}); '
@@ -184,13 +184,13 @@ def convert(
 
 def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[str], license: Optional[str],
              provenance: Optional[Dict[str, Any]], metrics: Optional[Dict[str, Any]], check_img_size: int,
-             steps: tqdm, label_names: Optional[Sequence[str]] = None) -> ConvertResult:
+             steps: Any, label_names: Optional[Sequence[str]] = None) -> ConvertResult:
     import timm
     from timm.models import save_for_hf
 
     import epsanet
 
-    steps.set_postfix_str('read')
+    steps.set_description('convert: read')
     raw = read_checkpoint(src)
     state_dict = _pick_state_dict(raw, src)
     inferred = infer_architecture(state_dict)
@@ -202,7 +202,7 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
         raise WeightsError(f'Unknown model {model_name!r}; choose one of {list(epsanet.MODEL_NAMES)}.')
     steps.update()
 
-    steps.set_postfix_str('build')
+    steps.set_description('convert: build')
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict)).eval()
     model.pretrained_cfg.update(tag=tag, license=license)
     num_classes, in_chans = model.num_classes, model.conv1.in_channels
@@ -213,13 +213,13 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
-        steps.set_postfix_str('save')
+        steps.set_description('convert: save')
         save_for_hf(model, str(tmp), model_config=dict(label_names=label_names) if label_names else None,
                     data_config=data_config, safe_serialization=True)
         _drop_repeated_model_args(tmp / CONFIG_NAME)
         steps.update()
 
-        steps.set_postfix_str('check')
+        steps.set_description('convert: check')
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, in_chans, check_img_size, check_img_size, generator=gen)
         reloaded = timm.create_model(f'local-dir:{tmp}', pretrained=True).eval()
@@ -231,7 +231,7 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
                                f'{max_abs_diff:.3g}); nothing was written to {out_dir}.')
         steps.update()
 
-        steps.set_postfix_str('card')
+        steps.set_description('convert: card')
         sha, size = sha256_file(tmp / WEIGHTS_NAME), (tmp / WEIGHTS_NAME).stat().st_size
         params = sum(p.numel() for p in model.parameters())
         shape_only = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans, device='meta')

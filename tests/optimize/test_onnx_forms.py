@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 
+from epsanet import PSA
 from epsanet.export import export_model, load_exported
 from epsanet.optimize import onnx_forms
 from epsanet.optimize.onnx_forms import DepthwiseSumConv2d, GroupMergedConv2d, optimize_for_onnxruntime
@@ -64,3 +65,55 @@ def test_real_timing_in_onnxruntime_gives_a_valid_model():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def _batch_dims(path):
+    """The first dimension of every tensor ONNX shape inference can type in the file."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    dims = {}
+    for v in inferred.graph.value_info:
+        shape = v.type.tensor_type.shape.dim
+        if shape:
+            dims[v.name] = shape[0].dim_param or shape[0].dim_value
+    return inferred, dims
+
+
+def test_exported_graph_keeps_the_batch_dimension_through_the_psa(tmp_path):
+    """With the export forms the residual Add of every block has the input's named batch dimension, so
+    onnxruntime can fuse it into the conv before it (it needs to show equal input shapes)."""
+    torch.manual_seed(0)
+    model = timm.create_model('epsanet50', num_classes=4).eval()
+    fast = optimize_for_onnxruntime(model, input_size=(3, 32, 32), batch_size=2)
+    assert all(type(m) is onnx_forms.ExportPSA for m in fast.modules() if isinstance(m, PSA))
+    path = tmp_path / 'm.onnx'
+    export_model(fast, str(path), input_size=(3, 32, 32), check=True)
+    graph, dims = _batch_dims(path)
+    adds = [n.output[0] for n in graph.graph.node if n.op_type == 'Add' and n.name.endswith(('.0/Add', '.1/Add'))]
+    assert adds and all(dims.get(a) == 'batch' for a in adds)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(str(path), 'onnx')(x)[0], model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_keep_batch_rewrites_only_reshapes_that_keep_the_batch(tmp_path):
+    import onnx
+
+    class Net(torch.nn.Module):
+        def forward(self, x):  # [N, 8, 4, 4]
+            a = x.reshape(-1, 2, 4, 4, 4).sum(dim=1)  # keeps the batch
+            b = x.mean(dim=(2, 3)).reshape(-1, 4, 1, 1)  # [N * 2, 4, 1, 1]: the batch changes
+            return a.sum(dim=(1, 2, 3)) + b.reshape(-1, 8).sum(dim=1)
+
+    path = tmp_path / 'r.onnx'
+    export_model(Net(), str(path), input_size=(8, 4, 4), check=True)  # the check runs a batch of another size
+    shapes = {}
+    model = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t).tolist()
+              for n in model.graph.node if n.op_type == 'Constant'}
+    for n in model.graph.node:
+        if n.op_type == 'Reshape':
+            shapes[n.name] = inits.get(n.input[1], consts.get(n.input[1]))
+    assert sorted(shapes.values()) == [[-1, 4, 1, 1], [-1, 8], [0, 2, 4, 4, 4]]

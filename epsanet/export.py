@@ -180,6 +180,10 @@ def keep_batch_in_reshapes(path: str) -> int:
         node.input[1] = new.name
         rewritten += 1
     if rewritten:
+        used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+        unused = [t for t in model.graph.initializer if t.name not in used]
+        for t in unused:  # the replaced shapes (onnxruntime would warn about each)
+            model.graph.initializer.remove(t)
         onnx.save(model, path)
     return rewritten
 

@@ -86,6 +86,15 @@ def _named_dataset(cfg: ExtractConfig) -> Tuple[Dataset, List[str]]:
     return IndexedSamples(dataset), names
 
 
+def inference_form(cfg: ExtractConfig, device: torch.device) -> Dict[str, bool]:
+    """How extraction runs on ``device``: with ``--optimize`` (the default) the fastest form there,
+    ``optimize_for_inference`` on CPU, channels_last and AMP on CUDA; pinned host memory for CUDA."""
+    cuda = device.type == 'cuda'
+    return dict(optimize_for_inference=cfg.optimize and device.type == 'cpu',
+                amp=cfg.amp or (cfg.optimize and cuda), channels_last=cfg.channels_last or (cfg.optimize and cuda),
+                pin_memory=cuda)
+
+
 def _prepare_model(cfg: ExtractConfig, device: torch.device, stages: Tuple[int, ...]):
     """The model in its fastest inference form for ``device``, its data config, and the input settings."""
     model_kwargs = dict(features_only=True, out_indices=stages) if stages else {}
@@ -93,10 +102,9 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, stages: Tuple[int, 
         torch.manual_seed(0)
         model, data_config, _ = load_for_inference(cfg, **model_kwargs)
     model.to(device)
-    amp, channels_last = cfg.amp, cfg.channels_last
-    if cfg.optimize and device.type == 'cuda':
-        amp = channels_last = True
-    elif cfg.optimize:
+    form = inference_form(cfg, device)
+    amp, channels_last = form['amp'], form['channels_last']
+    if form['optimize_for_inference']:
         from .. import optimize_for_inference
         optimize_for_inference(model)  # BatchNorm folded, channels_last weights; NCHW input is fine
     if channels_last:
@@ -276,8 +284,8 @@ def _extract_chunks(cfg: ExtractConfig, info: DistInfo, layout: Layout, model, d
     if not batches:
         return
     cuda = info.device.type == 'cuda'
-    loader = DataLoader(dataset, batch_sampler=_BatchSampler(batches),
-                        num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False)
+    loader = DataLoader(dataset, batch_sampler=_BatchSampler(batches), num_workers=cfg.workers,
+                        pin_memory=inference_form(cfg, info.device)['pin_memory'], persistent_workers=False)
     desc = 'extract' if info.world_size == 1 else f'extract (rank 0 of {info.world_size})'
     bar = progress(total=sum(e - s for _, s, e in todo), desc=desc, unit='img',
                    enabled=cfg.progress and info.is_primary)

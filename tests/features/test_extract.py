@@ -441,3 +441,18 @@ def test_webdataset_shards_resumed_by_two_processes(images, weights, tmp_path, m
     assert [_wds_to_folder_name(n) for n in two.skipped] == ['d1/0005x.png']
     torch.testing.assert_close(two.rows(0, 14)['features'], one.rows(0, 14)['features'], atol=1e-5, rtol=1e-5)
     assert two.verify() == []
+
+
+def test_inference_form_per_device():
+    """The form extraction runs in: optimize_for_inference on CPU; channels_last, AMP and pinned memory on
+    CUDA (decided here without a GPU; scripts/gpu_check.py runs it on one)."""
+    from epsanet.features.extract import inference_form
+
+    cfg = ExtractConfig(data_dir='x', output='y')
+    assert inference_form(cfg, torch.device('cpu')) == dict(
+        optimize_for_inference=True, amp=False, channels_last=False, pin_memory=False)
+    assert inference_form(cfg, torch.device('cuda', 1)) == dict(
+        optimize_for_inference=False, amp=True, channels_last=True, pin_memory=True)
+    plain = ExtractConfig(data_dir='x', output='y', optimize=False)
+    assert inference_form(plain, torch.device('cuda')) == dict(
+        optimize_for_inference=False, amp=False, channels_last=False, pin_memory=True)

@@ -184,6 +184,8 @@ def keep_batch_in_reshapes(path: str) -> int:
         unused = [t for t in model.graph.initializer if t.name not in used]
         for t in unused:  # the replaced shapes (onnxruntime would warn about each)
             model.graph.initializer.remove(t)
+        for n in [n for n in model.graph.node if n.op_type == 'Constant' and n.output[0] not in used]:
+            model.graph.node.remove(n)
         onnx.save(model, path)
     return rewritten
 

@@ -119,3 +119,4 @@ def test_keep_batch_rewrites_only_reshapes_that_keep_the_batch(tmp_path):
     assert sorted(shapes.values()) == [[-1, 4, 1, 1], [-1, 8], [0, 2, 4, 4, 4]]
     used = {name for n in model.graph.node for name in n.input}
     assert all(t.name in used for t in model.graph.initializer)  # the replaced shape is gone
+    assert all(n.output[0] in used for n in model.graph.node if n.op_type == 'Constant')

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 
+import epsanet
 from epsanet import PSA
 from epsanet.export import export_model, load_exported
 from epsanet.optimize import onnx_forms
@@ -120,3 +121,19 @@ def test_keep_batch_rewrites_only_reshapes_that_keep_the_batch(tmp_path):
     used = {name for n in model.graph.node for name in n.input}
     assert all(t.name in used for t in model.graph.initializer)  # the replaced shape is gone
     assert all(n.output[0] in used for n in model.graph.node if n.op_type == 'Constant')
+
+
+@pytest.mark.parametrize('fastest', ['depthwise', 'merged'])
+@pytest.mark.parametrize('name', epsanet.MODEL_NAMES)
+def test_export_forms_give_the_plain_outputs_for_every_model(monkeypatch, name, fastest):
+    """ExportPSA plus every branch in the depthwise-sum or merged-group form: the plain model's outputs."""
+    kinds = {'depthwise': DepthwiseSumConv2d, 'merged': GroupMergedConv2d}
+    monkeypatch.setattr(onnx_forms, '_ort_ms', lambda module, x, threads, repeats=3:
+                        1.0 if isinstance(module, kinds[fastest]) else 2.0)
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4).eval()
+    fast = optimize_for_onnxruntime(model, input_size=(3, 32, 32), batch_size=2)
+    assert any(isinstance(m, kinds[fastest]) for m in fast.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)

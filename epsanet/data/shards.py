@@ -8,9 +8,13 @@ key, ``key`` = the member path up to the first ``.`` of its base name), and read
 straight from its byte range in the shard.
 
 Only uncompressed ``.tar`` shards have byte ranges; compressed shards are refused with a message.
+Each shard's index is kept in the cache folder (:func:`epsanet.cache.cache_dir`, ``EPSANET_CACHE_DIR=none``
+turns it off), keyed by the file's path, size and modification time, so later runs and other processes
+read it instead of scanning the shard.
 A shard holding a different number of samples than the info file says is indexed as it is, with a
 warning (the info file is only a size hint; no sample is lost or invented).
 """
+import hashlib
 import io
 import json
 import logging
@@ -23,6 +27,8 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from ..cache import cache_dir
+from ..train.checkpoint import atomic_write
 from .folder import DataError
 
 __all__ = ['ShardReader', 'INFO_FILES', 'shard_class_map']
@@ -33,6 +39,7 @@ INFO_FILES = ('_info.json', 'info.json')  # what timm's ReaderWds reads (timm.da
 _SKIP_META = re.compile(r'__[^/]*__($|/)')  # webdataset's tar_file_iterator skips these members
 _COMPRESSED = {b'\x1f\x8b': 'gzip', b'BZh': 'bzip2', b'\xfd7zXZ': 'xz', b'\x28\xb5\x2f\xfd': 'zstd'}
 _MAX_OPEN = 8  # shard files kept open per process
+INDEX_VERSION = 1  # of the cached shard indexes
 
 
 class ShardReader:
@@ -93,7 +100,7 @@ class ShardReader:
         lengths = list(self.split_info.shard_lengths) or [None] * len(self.shards)
         unlabelled = 0
         for s, (shard, expected) in enumerate(zip(self.shards, lengths)):
-            samples, skipped = self._index_shard(shard)
+            samples, skipped = self._cached_index_shard(shard)
             unlabelled += skipped
             if expected is not None and len(samples) + skipped != expected:
                 _logger.warning('shard %s holds %d samples, the info file in %s says %d: using the %d found.',
@@ -112,6 +119,37 @@ class ShardReader:
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._targets = np.asarray(targets, dtype=np.int64)
+
+    def _cached_index_shard(self, shard: str) -> Tuple[List[Tuple[str, int, int, int]], int]:
+        """:meth:`_index_shard`, kept in the cache folder (:func:`epsanet.cache.cache_dir`) per shard file,
+        keyed by its path, size and modification time and by the reader's options: a later run, or another
+        process, reads the index instead of scanning the shard again."""
+        folder = cache_dir()
+        path = (self.root / shard).resolve()
+        if folder is None or not path.is_file():
+            return self._index_shard(shard)
+        stat = path.stat()
+        key = json.dumps([INDEX_VERSION, shard, str(path), stat.st_size, stat.st_mtime_ns, self.input_exts,
+                          self.json_key, self.labels, sorted((self.index_map or {}).items())])
+        cached = folder / 'wds-index' / f'{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz'
+        try:
+            with np.load(cached, allow_pickle=False) as data:
+                samples = list(zip(data['names'].tolist(), data['offsets'].tolist(), data['sizes'].tolist(),
+                                   data['targets'].tolist()))
+                return samples, int(data['skipped'])
+        except (OSError, KeyError, ValueError):
+            pass  # not cached yet (or unreadable): index the shard
+        samples, skipped = self._index_shard(shard)
+        names, offsets, sizes, targets = zip(*samples) if samples else ((), (), (), ())
+        arrays = dict(names=np.asarray(names, dtype=str), offsets=np.asarray(offsets, dtype=np.int64),
+                      sizes=np.asarray(sizes, dtype=np.int64), targets=np.asarray(targets, dtype=np.int64),
+                      skipped=np.asarray(skipped))
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, lambda tmp: _save_npz(tmp, arrays))
+        except OSError as e:  # a read-only cache folder costs speed, not correctness
+            _logger.debug('cannot keep the index of %s in %s: %s', path, cached, e)
+        return samples, skipped
 
     def _index_shard(self, shard: str) -> Tuple[List[Tuple[str, int, int, int]], int]:
         """``(name, data offset, size, target)`` of each labelled sample of one shard, and how many had no label."""
@@ -240,6 +278,11 @@ class ShardReader:
         state = dict(self.__dict__)
         state['_files'], state['_pid'] = OrderedDict(), None
         return state
+
+
+def _save_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    with open(path, 'wb') as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, **arrays)
 
 
 def shard_class_map(class_map: Union[str, dict, None], info: Dict[str, Any], root: Union[str, os.PathLike]

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..cache import ENV_CACHE, cache_dir
 from . import conv_forms
 from .conv_forms import ConvShape
 
@@ -41,7 +42,6 @@ __all__ = ['plan_forward', 'plan_backward', 'clear_cache', 'cache_info', 'cache_
 _logger = logging.getLogger(__name__)
 
 ENV_FORMS = 'EPSANET_CONV_FORMS'
-ENV_CACHE = 'EPSANET_CACHE_DIR'
 REPEATS = 3
 
 _forward_cache: Dict[Tuple, str] = {}
@@ -82,11 +82,8 @@ def _forced() -> Optional[Tuple[str, str, str]]:
 
 def cache_file() -> Optional[Path]:
     """Where measured plans are kept between processes (None: not kept)."""
-    folder = os.environ.get(ENV_CACHE)
-    if folder and folder.lower() in ('none', 'off', '0'):
-        return None
-    base = Path(folder) if folder else Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'epsanet'
-    return base / 'autotune.json'
+    base = cache_dir()
+    return None if base is None else base / 'autotune.json'
 
 
 def _disk_key(kind: str, key: Tuple) -> str:

@@ -268,29 +268,37 @@ def test_killed_run_resumes_without_redoing_finished_chunks(weights, tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
+def _interrupted(monkeypatch, cfg, at_batch: int = 4) -> None:
+    """Run ``extract(cfg)`` and stop it as Ctrl-C would, in its ``at_batch``-th batch."""
+    module = sys.modules['epsanet.features.extract']  # the attribute of that name is the function
+
+    class CtrlC:
+        def __init__(self, *a, **k):
+            self.n = 0
+
+        def update(self, n):
+            self.n += 1
+            if self.n == at_batch:
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+    monkeypatch.setattr(module, 'progress', CtrlC)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg)
+    finally:
+        monkeypatch.undo()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['two', 'two.npy'])
 def test_two_processes_match_one(images, weights, tmp_path, name, monkeypatch):
     args = ['--data-dir', images, '--checkpoint', weights, '--shard-size', 2 * ROW_BYTES + 256, '-b', 2, '-j', 0,
             '--no-progress', '--device', 'cpu']
     if name.endswith('.npy'):  # first one process, stopped by Ctrl-C in its 4th batch; the two processes finish it
-        module = sys.modules['epsanet.features.extract']  # the attribute of that name is the function
-
-        class CtrlC:
-            def __init__(self, *a, **k):
-                self.n = 0
-
-            def update(self, n):
-                self.n += 1
-                if self.n == 4:
-                    raise KeyboardInterrupt
-
-            def close(self):
-                pass
-        monkeypatch.setattr(module, 'progress', CtrlC)
-        with pytest.raises(KeyboardInterrupt):
-            extract(_cfg(images, weights, tmp_path / name, shard_size=str(2 * ROW_BYTES + 256), batch_size=2))
-        monkeypatch.undo()
+        _interrupted(monkeypatch, _cfg(images, weights, tmp_path / name, shard_size=str(2 * ROW_BYTES + 256),
+                                       batch_size=2))
         assert len(list((tmp_path / 'two.parts').glob('chunk-*.json'))) == 3
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
            'epsanet', 'extract', *map(str, args), '--output', str(tmp_path / name)]
@@ -410,23 +418,7 @@ def test_webdataset_shards_resumed_by_two_processes(images, weights, tmp_path, m
 
     shards = write_wds(images, tmp_path / 'wds', 'val', shards=2)
     args = dict(dataset='wds/x', split='val', shard_size=str(2 * ROW_BYTES + 256), batch_size=2)
-    module = sys.modules['epsanet.features.extract']
-
-    class CtrlC:
-        def __init__(self, *a, **k):
-            self.n = 0
-
-        def update(self, n):
-            self.n += 1
-            if self.n == 4:
-                raise KeyboardInterrupt
-
-        def close(self):
-            pass
-    monkeypatch.setattr(module, 'progress', CtrlC)
-    with pytest.raises(KeyboardInterrupt):
-        extract(_cfg(shards, weights, tmp_path / 'two', **args))
-    monkeypatch.undo()
+    _interrupted(monkeypatch, _cfg(shards, weights, tmp_path / 'two', **args))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'epsanet',
            'extract', '--dataset', 'wds/x', '--split', 'val', '--data-dir', str(shards), '--checkpoint', str(weights),
            '--shard-size', str(2 * ROW_BYTES + 256), '-b', '2', '-j', '0', '--no-progress', '--device', 'cpu',

@@ -18,17 +18,18 @@ Backward forms: the input gradient by the conv's own backward in NCHW or channel
 :mod:`epsanet.optimize.fft_weight_grad`).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .fft_weight_grad import fft_weight_grad, fft_weight_grad_applies
 
 __all__ = [
     'ConvShape', 'FORWARD_FORMS', 'INPUT_GRAD_FORMS', 'WEIGHT_GRAD_FORMS', 'forward_candidates',
     'weight_grad_candidates', 'grouped_conv_as_depthwise', 'run_forward', 'input_grad', 'weight_grad',
-    'is_channels_last', 'in_format_of',
+    'is_channels_last', 'in_format_of', 'conv_sharing_weight',
 ]
 
 FORWARD_FORMS = ('grouped_nchw', 'grouped_cl', 'depthwise_nchw', 'depthwise_cl')
@@ -60,6 +61,16 @@ class ConvShape:
     @property
     def out_per_group(self) -> int:
         return self.out_chs // self.groups
+
+
+def conv_sharing_weight(cls: Type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
+    """A bias-free ``cls`` (an ``nn.Conv2d`` subclass with another forward) with ``conv``'s settings and train/eval
+    mode, holding ``conv``'s own weight tensor (no copy, so the state dict is unchanged)."""
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+              conv.groups, bias=False, device='meta')
+    new.weight = conv.weight
+    new.train(conv.training)
+    return new
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

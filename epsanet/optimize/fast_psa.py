@@ -32,13 +32,7 @@ class FastPSA(PyramidSqueezeAttention):
     @classmethod
     def from_psa(cls, psa: PyramidSqueezeAttention, save_output_for_backward: bool = False) -> 'FastPSA':
         """A ``FastPSA`` holding ``psa``'s own submodules (branch convs and SE module; no copies)."""
-        new = cls.__new__(cls)
-        torch.nn.Module.__init__(new)
-        for name in ('in_chs', 'out_chs', 'num_branches', 'branch_chs', 'split_input', 'kernel_sizes', 'groups',
-                     'stride', 'dilation', 'training'):
-            setattr(new, name, getattr(psa, name))
-        new.convs = psa.convs
-        new.se = psa.se
+        new = cls.from_layer(psa)
         new.save_output_for_backward = save_output_for_backward
         new.register_buffer('out_scale', None)
         new.register_buffer('out_shift', None)

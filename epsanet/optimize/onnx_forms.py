@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.psa import PyramidSqueezeAttention
-from .conv_forms import ConvShape, forward_candidates, grouped_conv_as_depthwise
+from .conv_forms import ConvShape, conv_sharing_weight, forward_candidates, grouped_conv_as_depthwise
 
 __all__ = ['DepthwiseSumConv2d', 'ExportPSA', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 
@@ -50,11 +50,8 @@ class DepthwiseSumConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, out_hw: Optional[Tuple[int, int]] = None) -> 'DepthwiseSumConv2d':
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, bias=False, device='meta')
-        new.weight = conv.weight
+        new = conv_sharing_weight(cls, conv)
         new.out_hw = out_hw
-        new.train(conv.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,11 +72,8 @@ class GroupMergedConv2d(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, merge: int) -> 'GroupMergedConv2d':
         if merge < 2 or conv.groups % merge:
             raise ValueError(f'cannot merge the {conv.groups} groups of {conv} {merge} at a time.')
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, bias=False, device='meta')
-        new.weight = conv.weight
+        new = conv_sharing_weight(cls, conv)
         new.merge = merge
-        new.train(conv.training)
         return new
 
     def merged_weight(self) -> torch.Tensor:
@@ -103,12 +97,6 @@ class ExportPSA(PyramidSqueezeAttention):
     (see :func:`epsanet.export.keep_batch_in_reshapes`), so ONNX shape inference can show that the block's
     residual ``Add`` has equal input shapes, which onnxruntime needs to fuse it into a conv."""
 
-    @classmethod
-    def from_psa(cls, psa: PyramidSqueezeAttention) -> 'ExportPSA':
-        new = cls.__new__(cls)
-        new.__dict__.update(psa.__dict__)  # the same submodules and settings, no copies
-        return new
-
     def attention(self, feats: torch.Tensor) -> torch.Tensor:
         s, c = self.num_branches, self.branch_chs
         means = feats.mean(dim=(2, 3)).reshape(-1, s, c).transpose(1, 2).unsqueeze(-1)  # [N, C, S, 1]
@@ -120,14 +108,14 @@ def _forms(conv: nn.Conv2d, shape: ConvShape) -> Dict[str, Callable[[nn.Conv2d],
     """The candidate forms of a branch conv for onnxruntime: name -> factory."""
     forms: Dict[str, Callable[[nn.Conv2d], nn.Module]] = {'grouped': lambda c: c}
     if 'depthwise_nchw' in forward_candidates(shape):
-        forms['depthwise'] = lambda c: DepthwiseSumConv2d.from_conv(c, _out_hw(c, shape))
+        forms['depthwise'] = lambda c: DepthwiseSumConv2d.from_conv(c, _out_hw(shape))
     for m in MERGES:
         if conv.groups % m == 0:
             forms[f'merged{m}'] = lambda c, m=m: GroupMergedConv2d.from_conv(c, m)
     return forms
 
 
-def _out_hw(conv: nn.Conv2d, shape: ConvShape) -> Tuple[int, int]:
+def _out_hw(shape: ConvShape) -> Tuple[int, int]:
     k, s, p, d = shape.kernel_size, shape.stride, shape.padding, shape.dilation
     return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size in (shape.height, shape.width))
 
@@ -206,7 +194,7 @@ def _swap_export_psa(model: nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is PyramidSqueezeAttention:
-                setattr(parent, name, ExportPSA.from_psa(child))
+                setattr(parent, name, ExportPSA.from_layer(child))
 
 
 def _form_name(conv: nn.Module) -> str:

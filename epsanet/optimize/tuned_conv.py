@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import autotune, conv_forms
-from .conv_forms import ConvShape
+from .conv_forms import ConvShape, conv_sharing_weight
 
 __all__ = ['TunedConv2d']
 
@@ -29,11 +29,7 @@ class TunedConv2d(nn.Conv2d):
         """A ``TunedConv2d`` holding ``conv``'s own weight tensor (no copy)."""
         if not cls.supports(conv):
             raise ValueError(f'TunedConv2d needs a bias-free, zero-padded, square nn.Conv2d, got {conv}.')
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, bias=False, device='meta')
-        new.weight = conv.weight
-        new.train(conv.training)
-        return new
+        return conv_sharing_weight(cls, conv)
 
     @staticmethod
     def supports(conv: nn.Module) -> bool:

@@ -30,6 +30,7 @@ from .data.image import UNREADABLE_ERRORS
 from .predict import expand_inputs
 from .progress import progress
 from .train.checkpoint import atomic_write
+from .train.config import InferenceModelOptions
 from .train.errors import ConfigError
 from .train.flags import arg
 from .train.validate import load_for_inference
@@ -43,22 +44,13 @@ _STAGE = re.compile(r'(?:^|\.)layer(\d+)\.')
 
 
 @dataclasses.dataclass
-class ExplainConfig:
+class ExplainConfig(InferenceModelOptions):
     """Options of :func:`explain`."""
     inputs: Tuple[str, ...] = arg((), 'image files, folders (searched recursively) or glob patterns', E, metavar='PATH')
     output_dir: str = arg('explain', 'folder for <image>.png and <image>.npz', E)
     target_class: str = arg('', 'explain this class (a name or an index) instead of the predicted one', E)
     layer: str = arg('layer4', 'the stage Grad-CAM looks at (layer1-layer4; the last stage by default). Below 64 px '
                                'stage 4 is a 1x1 map and its Grad-CAM is flat: use a larger --img-size or layer3', E)
-    model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', E)
-    checkpoint: str = arg('', 'weights: a file, an http(s) URL, hf-hub:org/repo or a folder from "epsanet convert"', E)
-    pretrained: bool = arg(False, "use the model's registered pretrained weights", E)
-    num_classes: Optional[int] = arg(None, 'number of classes (default: from the weights)', E)
-    img_size: Optional[int] = arg(None, 'input size (default: recorded with the weights, else the model\'s)', E)
-    crop_pct: Optional[float] = arg(None, 'centre-crop fraction (default: recorded with the weights)', E)
-    interpolation: str = arg('', 'resize interpolation (default: the model\'s)', E)
-    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean (default: the weights\' / model\'s)', E)
-    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std (default: the weights\' / model\'s)', E)
     device: str = arg('', 'device (default: cuda if available, else cpu)', E)
     strict: bool = arg(False, 'fail on unreadable images instead of skipping them', E)
     progress: bool = arg(True, 'show a progress bar', E)

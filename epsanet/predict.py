@@ -28,7 +28,7 @@ from .data import DataError, ImageFiles, IndexedSamples, find_images
 from .data.folder import is_image_file, skipped_index, unreadable_error, verify_files
 from .progress import progress
 from .train.checkpoint import atomic_write
-from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
+from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
 from .train.errors import ConfigError
 from .train.flags import arg
 from .train.loaders import autocast_for, eval_loader
@@ -43,7 +43,7 @@ _GLOB_CHARS = set('*?[')
 
 
 @dataclasses.dataclass
-class PredictConfig:
+class PredictConfig(InferenceModelOptions):
     """Options of :func:`predict`; flag names follow timm's inference.py where they overlap."""
     inputs: Tuple[str, ...] = arg((), 'image files, folders (searched recursively) or glob patterns', P,
                                   metavar='PATH')
@@ -52,18 +52,8 @@ class PredictConfig:
     split: str = arg('', 'split of --data-dir/--dataset to predict ("" = --data-dir itself)', P)
     class_map: str = arg('', CLASS_MAP_HELP, P)
     dataset_download: bool = arg(False, DOWNLOAD_HELP, P)
-    model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', P)
-    checkpoint: str = arg('', 'weights: a file, an http(s) URL, hf-hub:org/repo or a folder from "epsanet convert"', P)
-    pretrained: bool = arg(False, "use the model's registered pretrained weights", P)
-    num_classes: Optional[int] = arg(None, 'number of classes (default: from the weights)', P)
     topk: int = arg(1, 'how many classes to report per image', P)
     results_file: str = arg('', 'write the predictions to this .csv or .json file', P)
-    img_size: Optional[int] = arg(None, 'input size (default: recorded with the weights, else the model\'s)', P)
-    crop_pct: Optional[float] = arg(None, 'centre-crop fraction (default: recorded with the weights, else the '
-                                          "model's)", P)
-    interpolation: str = arg('', 'resize interpolation (default: the model\'s)', P)
-    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean (default: the weights\' / model\'s)', P)
-    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std (default: the weights\' / model\'s)', P)
     batch_size: int = arg(32, 'batch size', P, aliases=('-b',))
     workers: int = arg(2, 'data loading worker processes', P, aliases=('-j',))
     device: str = arg('', 'device (default: cuda if available, else cpu)', P)

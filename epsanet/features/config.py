@@ -1,9 +1,9 @@
 """The options of ``epsanet extract`` (:class:`ExtractConfig`), shared by the CLI, YAML and the Python API."""
 import dataclasses
 import re
-from typing import Optional, Tuple
+from typing import Tuple
 
-from ..train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
+from ..train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
 from ..train.errors import ConfigError
 from ..train.flags import arg
 
@@ -13,7 +13,7 @@ X = 'extraction'
 
 
 @dataclasses.dataclass
-class ExtractConfig:
+class ExtractConfig(InferenceModelOptions):
     """Options of :func:`~epsanet.features.extract`."""
     data_dir: str = arg('', 'folder of images (searched recursively; any layout), or the root of --dataset', X)
     dataset: str = arg('', DATASET_HELP + '; wds/ shards are indexed once, rows keyed <shard>/<key>.<ext>', X)
@@ -24,18 +24,9 @@ class ExtractConfig:
                                   'preallocated .npy per output) or a .safetensors file (one file)', X)
     shard_size: str = arg('1GB', 'largest shard file of a folder output (bytes, or with KB/MB/GB)', X)
     overwrite: bool = arg(False, 'replace an existing output made with other settings instead of failing', X)
-    model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', X)
-    checkpoint: str = arg('', 'weights file (.safetensors from "epsanet train", timm or authors\' .pth)', X)
-    pretrained: bool = arg(False, "use the model's registered pretrained weights", X)
-    num_classes: Optional[int] = arg(None, 'number of classes of the weights (default: from the checkpoint)', X)
     stages: Tuple[int, ...] = arg((), 'extract these stage outputs (0 = stem, 1-4 = stages) instead of the pooled '
                                       'pre-logits', X, metavar='STAGE')
     pool_stages: bool = arg(False, 'global-average-pool stage outputs to vectors', X)
-    img_size: Optional[int] = arg(None, 'input size (default: recorded in the checkpoint, else the model\'s)', X)
-    crop_pct: Optional[float] = arg(None, 'centre-crop fraction (default: checkpoint\'s, else model\'s)', X)
-    interpolation: str = arg('', 'resize interpolation (default: the model\'s)', X)
-    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean (default: checkpoint\'s, else model\'s)', X)
-    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std (default: checkpoint\'s, else model\'s)', X)
     batch_size: int = arg(64, 'batch size (per process)', X, aliases=('-b',))
     workers: int = arg(4, 'data loading worker processes (per process)', X, aliases=('-j',))
     device: str = arg('', 'device (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)', X)

@@ -21,7 +21,7 @@ from ..optimize import optimize_for_inference
 from ..progress import DEFAULT_LOG_INTERVAL
 from ..progress import progress as progress_bar
 from .checkpoint import atomic_write, read_weights_metadata
-from .config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
+from .config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
 from .errors import CheckpointError, ConfigError
 from .factory import build_model
 from .flags import arg
@@ -134,22 +134,13 @@ def dataset_from_config(cfg, split: str, is_training: bool = False, mark_unreada
 
 
 @dataclasses.dataclass
-class ValidateConfig:
+class ValidateConfig(InferenceModelOptions):
     """Options of :func:`validate`; flag names follow timm's validate.py."""
     data_dir: str = arg('', 'ImageFolder root holding <split>/<class>/<image> (or a .tar, or the root of --dataset)', V)
     split: str = arg('val', 'split to validate on: a subfolder ("" for --data-dir itself) or the data set\'s split', V)
     dataset: str = arg('', DATASET_HELP, V)
     class_map: str = arg('', CLASS_MAP_HELP, V)
     dataset_download: bool = arg(False, DOWNLOAD_HELP, V)
-    model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', V)
-    checkpoint: str = arg('', 'weights file to validate (.safetensors from "epsanet train", timm or authors\' .pth)', V)
-    pretrained: bool = arg(False, "validate the model's registered pretrained weights", V)
-    num_classes: Optional[int] = arg(None, 'number of classes (default: from the checkpoint)', V)
-    img_size: Optional[int] = arg(None, 'input size (default: recorded in the checkpoint, else the model\'s)', V)
-    crop_pct: Optional[float] = arg(None, 'centre-crop fraction (default: checkpoint\'s, else the model\'s)', V)
-    interpolation: str = arg('', 'resize interpolation (default: the model\'s)', V)
-    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean (default: checkpoint\'s, else model\'s)', V)
-    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std (default: checkpoint\'s, else model\'s)', V)
     batch_size: int = arg(256, 'batch size', V, aliases=('-b',))
     workers: int = arg(4, 'data loading worker processes', V, aliases=('-j',))
     device: str = arg('', 'device (default: cuda if available, else cpu)', V)

@@ -48,3 +48,25 @@ def test_every_field_is_a_flag():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, TrainConfig)
     assert config_from_args(TrainConfig, parser.parse_args([])) == TrainConfig()
+
+
+def test_inference_commands_share_one_set_of_model_options():
+    """validate, predict, extract and explain take the same model/weights/transform flags, from one dataclass,
+    and those flags reach the config."""
+    import dataclasses
+
+    from epsanet.explain import ExplainConfig
+    from epsanet.features import ExtractConfig
+    from epsanet.predict import PredictConfig
+    from epsanet.train.config import InferenceModelOptions
+    from epsanet.train.validate import ValidateConfig
+
+    shared = [f.name for f in dataclasses.fields(InferenceModelOptions)]
+    assert 'checkpoint' in shared and 'img_size' in shared
+    for cls in (ValidateConfig, PredictConfig, ExtractConfig, ExplainConfig):
+        assert issubclass(cls, InferenceModelOptions)
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser, cls)
+        cfg = config_from_args(cls, parser.parse_args(['--checkpoint', 'w.safetensors', '--img-size', '96',
+                                                       '--mean', '0.1', '0.2', '0.3']))
+        assert (cfg.checkpoint, cfg.img_size, cfg.mean) == ('w.safetensors', 96, (0.1, 0.2, 0.3)), cls.__name__

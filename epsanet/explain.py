@@ -84,13 +84,12 @@ def _kernel_sizes(psa: torch.nn.Module) -> List[int]:
 def _collect_branch_weights(outputs: List[torch.Tensor], batch: int, num_branches: int) -> torch.Tensor:
     """``[N, S, C]`` softmax weights in kernel_sizes order from what one PSA's ``se`` returned.
 
-    One call over all branches gives ``[N, C, S, 1]`` (:meth:`~epsanet.layers.PyramidSqueezeAttention.attention`),
-    one call per branch (the authors' form) gives S ``[N, C, 1, 1]``; in both the branches come in PSA's
-    concatenation order, which is **reversed** (the largest kernel first, spec step 5), so the branch axis
-    is flipped back to ``kernel_sizes`` order here.
+    One batched call gives ``[N*S, C, 1, 1]``, one call per branch gives S ``[N, C, 1, 1]``; in both
+    the branches come in PSA's concatenation order, which is **reversed** (the largest kernel
+    first, spec step 5), so the branch axis is flipped back to ``kernel_sizes`` order here.
     """
     if len(outputs) == 1:
-        sig = outputs[0].reshape(batch, -1, num_branches).transpose(1, 2)
+        sig = outputs[0].reshape(batch, num_branches, -1)
     elif len(outputs) == num_branches:
         sig = torch.stack([o.reshape(batch, -1) for o in outputs], dim=1)
     else:

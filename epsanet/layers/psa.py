@@ -145,15 +145,12 @@ class PyramidSqueezeAttention(nn.Module):
     def attention(self, feats: torch.Tensor) -> torch.Tensor:
         """The softmax attention ``[N, S * C, 1, 1]`` for the concatenated branch features ``feats``.
 
-        One call of the shared SE module (1x1 convs) over all branches at once: the branches are the ``S x 1``
-        positions of an ``[N, C, S, 1]`` map of the pooled features, then a softmax over the branch axis. The
-        same numbers as applying the SE to each branch separately, and the batch stays the first dimension
-        of every tensor (an exported ONNX graph keeps the batch dimension's name through the layer).
+        One batched call of the shared SE module over all branches (``[N * S, C, 1, 1]``), then a
+        softmax over the branch axis; the same numbers as applying the SE to each branch separately.
         """
         s, c = self.num_branches, self.branch_chs
-        pooled = feats.mean(dim=(2, 3)).reshape(-1, s, c).transpose(1, 2).unsqueeze(-1)  # [N, C, S, 1]
-        weights = self.se(pooled).softmax(dim=2)
-        return weights.squeeze(-1).transpose(1, 2).reshape(-1, s * c, 1, 1)
+        pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
+        return self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
 
 
 PSA = PyramidSqueezeAttention

@@ -31,7 +31,7 @@ from torch import nn
 from ..layers.psa import PyramidSqueezeAttention
 from .conv_forms import ConvShape, conv_sharing_weight, forward_candidates, grouped_conv_as_depthwise
 
-__all__ = ['DepthwiseSumConv2d', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
+__all__ = ['DepthwiseSumConv2d', 'ExportPSA', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 
 _logger = logging.getLogger(__name__)
 
@@ -88,6 +88,23 @@ class GroupMergedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups // self.merge
         return F.conv2d(x, self.merged_weight(), None, self.stride, self.padding, self.dilation, groups)
+
+
+class ExportPSA(PyramidSqueezeAttention):
+    """A PSA layer (same submodules, same numbers within float rounding) whose attention keeps the batch as
+    the first dimension of every intermediate tensor: the SE module sees the branches as the ``S x 1``
+    positions of an ``[N, C, S, 1]`` map instead of a batch of ``N * S`` vectors. In the exported graph every
+    reshape then keeps the batch (see :func:`epsanet.export.keep_batch_in_reshapes`), so ONNX shape inference
+    can show that the block's residual ``Add`` has equal input shapes, which onnxruntime needs to fuse it
+    into a conv. Export only: the plain layer keeps its batched SE call over ``[N * S, C, 1, 1]``, whose
+    rounding follows the authors' per-branch calls closely enough for deep float32 networks to match the
+    reference within 1e-5; this form's does not (tried: EPSANet-101 Large gradients differ by 5e-5)."""
+
+    def attention(self, feats: torch.Tensor) -> torch.Tensor:
+        s, c = self.num_branches, self.branch_chs
+        means = feats.mean(dim=(2, 3)).reshape(-1, s, c).transpose(1, 2).unsqueeze(-1)  # [N, C, S, 1]
+        weights = self.se(means).softmax(dim=2)
+        return weights.squeeze(-1).transpose(1, 2).reshape(-1, s * c, 1, 1)
 
 
 def _forms(conv: nn.Conv2d, shape: ConvShape) -> Dict[str, Callable[[nn.Conv2d], nn.Module]]:
@@ -154,6 +171,7 @@ def optimize_for_onnxruntime(model: nn.Module, input_size: Sequence[int] = (3, 2
     model = copy.deepcopy(model).eval()
     example = torch.zeros(batch_size, *input_size)
     shapes = _branch_shapes(model, example)
+    _swap_export_psa(model)
     chosen: Dict[ConvShape, str] = {}
     for psa in [m for m in model.modules() if isinstance(m, PyramidSqueezeAttention)]:
         for i, conv in enumerate(psa.convs):
@@ -173,6 +191,13 @@ def optimize_for_onnxruntime(model: nn.Module, input_size: Sequence[int] = (3, 2
                  f'{counts["merged"]} with merged groups (measured faster in onnxruntime on this CPU at '
                  f'{tuple(input_size)}, batch {batch_size}).')
     return model
+
+
+def _swap_export_psa(model: nn.Module) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is PyramidSqueezeAttention:
+                setattr(parent, name, ExportPSA.from_layer(child))
 
 
 def _form_name(conv: nn.Module) -> str:

@@ -6,6 +6,7 @@ import timm
 import torch
 
 import epsanet
+from epsanet import PSA
 from epsanet.export import export_model, load_exported
 from epsanet.optimize import onnx_forms
 from epsanet.optimize.onnx_forms import DepthwiseSumConv2d, GroupMergedConv2d, optimize_for_onnxruntime
@@ -80,15 +81,15 @@ def _batch_dims(path):
     return inferred, dims
 
 
-@pytest.mark.parametrize('forms', ['auto', 'plain'])
-def test_exported_graph_keeps_the_batch_dimension_through_the_psa(tmp_path, forms):
-    """The plain model and the export forms: the residual Add of every block has the input's named batch
-    dimension, so onnxruntime can fuse it into the conv before it (it needs to show equal input shapes)."""
+def test_exported_graph_keeps_the_batch_dimension_through_the_psa(tmp_path):
+    """With the export forms the residual Add of every block has the input's named batch dimension, so
+    onnxruntime can fuse it into the conv before it (it needs to show equal input shapes)."""
     torch.manual_seed(0)
     model = timm.create_model('epsanet50', num_classes=4).eval()
-    exported = optimize_for_onnxruntime(model, input_size=(3, 32, 32), batch_size=2) if forms == 'auto' else model
+    fast = optimize_for_onnxruntime(model, input_size=(3, 32, 32), batch_size=2)
+    assert all(type(m) is onnx_forms.ExportPSA for m in fast.modules() if isinstance(m, PSA))
     path = tmp_path / 'm.onnx'
-    export_model(exported, str(path), input_size=(3, 32, 32), check=True)
+    export_model(fast, str(path), input_size=(3, 32, 32), check=True)
     graph, dims = _batch_dims(path)
     adds = [n.output[0] for n in graph.graph.node if n.op_type == 'Add' and n.name.endswith(('.0/Add', '.1/Add'))]
     assert adds and all(dims.get(a) == 'batch' for a in adds)
@@ -125,7 +126,7 @@ def test_keep_batch_rewrites_only_reshapes_that_keep_the_batch(tmp_path):
 @pytest.mark.parametrize('fastest', ['depthwise', 'merged'])
 @pytest.mark.parametrize('name', epsanet.MODEL_NAMES)
 def test_export_forms_give_the_plain_outputs_for_every_model(monkeypatch, name, fastest):
-    """Every branch in the depthwise-sum or merged-group form: the plain model's outputs."""
+    """ExportPSA plus every branch in the depthwise-sum or merged-group form: the plain model's outputs."""
     kinds = {'depthwise': DepthwiseSumConv2d, 'merged': GroupMergedConv2d}
     monkeypatch.setattr(onnx_forms, '_ort_ms', lambda module, x, threads, repeats=3:
                         1.0 if isinstance(module, kinds[fastest]) else 2.0)

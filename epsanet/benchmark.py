@@ -110,6 +110,9 @@ TARGETS = (
     ('peak training memory, ours / reference', 'train', REFERENCE, 'memory', 0.9),
 )
 ONNXRUNTIME = 'onnxruntime'
+ONNXRUNTIME_INT8 = 'onnxruntime-int8'
+RUNTIMES = ('torch', ONNXRUNTIME, ONNXRUNTIME_INT8)
+INT8_CALIBRATION_BATCHES = 2  # random batches: enough to time the int8 graph; not for accuracy
 
 
 @dataclass
@@ -506,12 +509,16 @@ def _evaluate_targets(model_name: str, rows: List[Row], memory_rows: List[Row], 
 
 
 def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: int, threads: int,
-                     tick: Optional[Callable[[], None]] = None) -> List[Row]:
+                     tick: Optional[Callable[[], None]] = None, int8: bool = False) -> List[Row]:
     """Export each candidate with ``epsanet export``'s ONNX writer (checked against PyTorch) and time
-    onnxruntime's CPU session on it, interleaved; rows have mode ``onnxruntime``."""
+    onnxruntime's CPU session on it, interleaved; rows have mode ``onnxruntime``. With ``int8`` each file is
+    first quantized as ``epsanet quantize`` does (:func:`epsanet.quantize.quantize_onnx_file`), calibrated on
+    random batches, which times the int8 graph but says nothing of its accuracy; rows have mode
+    ``onnxruntime-int8``."""
     import onnxruntime as ort
 
     from .export import export_model
+    from .quantize import quantize_onnx_file
 
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -519,6 +526,12 @@ def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: i
             path = os.path.join(tmp, f'{name}.onnx')
             export_model(model.eval(), path, format='onnx', batch_size=setting.batch_size,
                          input_size=(3, setting.img_size, setting.img_size), check=True)
+            if int8:
+                generator = torch.Generator().manual_seed(0)
+                batches = [torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size, generator=generator)
+                           for _ in range(INT8_CALIBRATION_BATCHES)]
+                path, fp32 = os.path.join(tmp, f'{name}-int8.onnx'), path
+                quantize_onnx_file(fp32, path, batches)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -526,7 +539,8 @@ def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: i
     x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size,
                     generator=torch.Generator().manual_seed(0)).numpy()
     steps = {n: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for n, s in sessions.items()}
-    ort_setting = Setting(ONNXRUNTIME, setting.batch_size, setting.img_size, 'nchw', 'fp32')
+    ort_setting = Setting(ONNXRUNTIME_INT8 if int8 else ONNXRUNTIME, setting.batch_size, setting.img_size, 'nchw',
+                          'int8' if int8 else 'fp32')
     return _time_steps(steps, ort_setting, reps, warmup=1, tick=tick)
 
 
@@ -562,7 +576,8 @@ def run_benchmark(
     ``memory_batch_size`` and inference at ``batch_size``, first memory format, fp32; each
     measurement starts a fresh process (a few seconds each). ``runtimes`` with ``'onnxruntime'`` adds
     inference rows (mode ``onnxruntime``) of every candidate exported to ONNX and run by onnxruntime's
-    CPU session at ``batch_size`` and ``img_size``.
+    CPU session at ``batch_size`` and ``img_size``; ``'onnxruntime-int8'`` the same for the int8 files
+    (speed only; no target uses them).
     """
     from .progress import progress as bar_for
 
@@ -572,9 +587,9 @@ def run_benchmark(
         bad = [v for v in values if v not in allowed]
         if bad or (not values and what != 'memory mode'):
             raise ValueError(f'Unknown or missing {what} {bad}: choose from {", ".join(allowed)}.')
-    bad_runtimes = [r for r in runtimes if r not in ('torch', ONNXRUNTIME)]
+    bad_runtimes = [r for r in runtimes if r not in RUNTIMES]
     if bad_runtimes:
-        raise ValueError(f'Unknown runtime {bad_runtimes}: choose from torch, {ONNXRUNTIME}.')
+        raise ValueError(f'Unknown runtime {bad_runtimes}: choose from {", ".join(RUNTIMES)}.')
     for n in (batch_size, img_size, reps, train_reps, memory_batch_size, *batch_sweep, *img_sweep):
         if int(n) < 1:
             raise ValueError(f'Batch sizes, image sizes and repetition counts must be >= 1, got {n}.')
@@ -613,14 +628,16 @@ def run_benchmark(
                         r.max_abs_diff = diff
                 rows += new
 
-    if ONNXRUNTIME in runtimes:
+    ort_runtimes = [r for r in (ONNXRUNTIME, ONNXRUNTIME_INT8) if r in runtimes]
+    if ort_runtimes:
         plain = build_candidates(model_name, baselines, seed=seed)
         if optimize:  # ours as `epsanet export --format onnx` writes it: branch forms timed in onnxruntime
             from .optimize.onnx_forms import optimize_for_onnxruntime
             plain[model_name] = optimize_for_onnxruntime(plain[model_name], (3, img_size, img_size), batch_size)
-        with bar_for(total=len(plain) * reps, desc='onnxruntime', enabled=progress, unit='step') as bar:
-            rows += time_onnxruntime(plain, Setting('infer', batch_size, img_size), reps, torch.get_num_threads(),
-                                     tick=bar.update)
+        for runtime in ort_runtimes:
+            with bar_for(total=len(plain) * reps, desc=runtime, enabled=progress, unit='step') as bar:
+                rows += time_onnxruntime(plain, Setting('infer', batch_size, img_size), reps, torch.get_num_threads(),
+                                         tick=bar.update, int8=runtime == ONNXRUNTIME_INT8)
 
     memory_rows: List[Row] = []
     if measure_memory:

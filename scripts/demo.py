@@ -11,7 +11,9 @@
 6. converts the weights to a Hub-ready folder (`epsanet convert`: the class names go into its
    config.json) and predicts a few held-out digits from that folder with their class names
    (`epsanet predict`);
-7. writes one `epsanet explain` picture (Grad-CAM and PSA's attention per kernel size).
+7. writes one `epsanet explain` picture (Grad-CAM and PSA's attention per kernel size);
+8. quantizes the best weights to an int8 ONNX file for onnxruntime (`epsanet quantize`, calibrated on training
+   images) and compares its validation top-1 with the float32 file's.
 
 Prints the validation top-1 and exits with an error if it is below 90%.
 """
@@ -83,7 +85,7 @@ def main() -> int:
     val = json.loads(results.read_text())
     features = OUT / 'features.safetensors'
     epsanet_cli('extract', '--data-dir', str(data / 'val'), '--checkpoint', str(best), '--workers', '0',
-                '--output', str(features), '--no-progress')
+                '--output', str(features), '--overwrite', '--no-progress')
     feats = load_file(features)['features']
     reloaded = reload_and_score(best, data)
     print(f'5. reloaded {best.name} with timm.create_model(pretrained_cfg_overlay=dict(file=...)): '
@@ -98,6 +100,10 @@ def main() -> int:
     explained = OUT / 'explain'
     epsanet_cli('explain', held_out[0], '--checkpoint', str(best), '--layer', EXPLAIN_LAYER,
                 '--output-dir', str(explained), '--no-progress')
+    quantized = OUT / 'quantize.json'
+    epsanet_cli('quantize', '--checkpoint', str(best), '--data-dir', str(data), '--output',
+                str(OUT / 'digits-int8.onnx'), '--workers', '0', '--results-file', str(quantized), '--no-progress')
+    q = json.loads(quantized.read_text())
     print('\n==== demo summary ====')
     print(f'train/val images      : {len(ImageFolder(data / "train"))} / {val["count"]} ({val["img_size"]} px)')
     print(f'validation top-1      : {val["top1"]:.2f}%   top-5 {val["top5"]:.2f}%   loss {val["loss"]:.4f}')
@@ -107,6 +113,8 @@ def main() -> int:
         truth = Path(p['filename']).parent.name
         print(f'predicted {Path(p["filename"]).name} (a {truth}) : {p["label"][0]} {100 * p["prob"][0]:.1f}%')
     print(f'explain picture       : {explained / (Path(held_out[0]).stem + ".png")}')
+    print(f'int8 ONNX             : {q["output"]}: top-1 {q["top1_int8"]:.2f}% (float32 {q["top1_float32"]:.2f}%, '
+          f'same top-1 on {q["top1_agreement"]:.2f}%)')
     wrong = [p['filename'] for p in preds if p['label'][0] != Path(p['filename']).parent.name]
     if wrong:
         print(f'NOTE: {len(wrong)} of the {len(preds)} held-out digits predicted wrongly: {", ".join(wrong)}')

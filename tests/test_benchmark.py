@@ -110,3 +110,18 @@ def test_bad_arguments_raise_clear_errors(kwargs, needle):
 def test_cli_reports_user_errors(capsys):
     assert main(['benchmark', '--model', 'nope', '--no-progress']) == 2
     assert 'Unknown EPSANet model' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_onnxruntime_int8_rows(tmp_path):
+    """``--runtime onnxruntime-int8``: every candidate quantized as ``epsanet quantize`` does, timed in onnxruntime;
+    its rows stay out of the float32 targets."""
+    report = run_benchmark('epsanet50', modes=('infer',), memory_formats=('nchw',), measure_memory=False,
+                           runtimes=('onnxruntime-int8',), **{**TINY, 'batch_sweep': ()})
+    rows = {r.candidate: r for r in report.rows}
+    assert set(rows) == {'epsanet50', REFERENCE, 'resnet18'}
+    assert all(r.setting.mode == 'onnxruntime-int8' and r.setting.dtype == 'int8' and r.img_per_s > 0
+               for r in rows.values())
+    assert not [t for t in report.targets if 'onnxruntime' in t['description']]
+    with pytest.raises(ValueError, match='Unknown runtime'):
+        run_benchmark('epsanet50', runtimes=('tensorrt',), **TINY)

@@ -106,6 +106,33 @@ def test_check_rejects_a_wrong_file_and_writes_nothing(small, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_check_tolerance_scales_with_the_outputs(small, tmp_path, monkeypatch):
+    """float32 rounding is relative: logits in the thousands may differ by more than atol and still pass, by
+    atol + rtol * max|output|; the same relative error on small outputs stays within atol."""
+    real = export_mod.load_exported
+
+    def rounded(path, fmt):
+        run = real(path, fmt)
+        return lambda x: [o * (1 + 2e-6) for o in run(x)]
+
+    monkeypatch.setattr(export_mod, 'load_exported', rounded)
+    large = torch.nn.Sequential(small, ScaleBy(1e4)).eval()
+    result = export_model(large, str(tmp_path / 'large.pt'), 'torchscript', input_size=SIZE)
+    assert 1e-4 < result.max_abs_diff <= 1e-4 + 1e-5 * 1e4 * 10
+    with pytest.raises(ExportError, match=r'atol \+ rtol'):
+        export_model(large, str(tmp_path / 'strict.pt'), 'torchscript', input_size=SIZE, rtol=0)
+    assert not (tmp_path / 'strict.pt').exists()
+
+
+class ScaleBy(torch.nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
 def test_export_argument_errors(small, tmp_path):
     with pytest.raises(ValueError, match='Unknown export format'):
         export_model(small, str(tmp_path / 'm.x'), 'tflite', input_size=SIZE)

@@ -29,8 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help='give ours its documented one-line CPU setting: epsanet.optimize_for_inference(model) '
                         'for inference, epsanet.optimize_for_training(model) for training (default; '
                         '--no-optimize measures the plain model)')
-    p.add_argument('--runtime', nargs='+', default=['torch', 'onnxruntime'], choices=['torch', 'onnxruntime'],
-                   help='torch: eager PyTorch rows; onnxruntime: inference of the models exported to ONNX')
+    p.add_argument('--runtime', nargs='+', default=['torch', 'onnxruntime'],
+                   choices=['torch', 'onnxruntime', 'onnxruntime-int8'],
+                   help='torch: eager PyTorch rows; onnxruntime: inference of the models exported to ONNX; '
+                        'onnxruntime-int8: the same files quantized to int8 as epsanet quantize does (calibrated '
+                        'on random batches: speed only)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
     p.add_argument('--json', default='benchmark.json', help='JSON output path (default: benchmark.json)')
     p.add_argument('--markdown', default=None, help='also write the markdown table to this path')

@@ -28,7 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default: 17)')
     parser.add_argument(
         '--method', choices=('trace', 'script'), default='trace', help='TorchScript method (default: trace)')
-    parser.add_argument('--atol', type=float, default=1e-4, help='max |difference| allowed by the check')
+    parser.add_argument('--atol', type=float, default=1e-4,
+                        help='the check allows a max |difference| of atol + rtol * max|output| (default 1e-4)')
+    parser.add_argument('--rtol', type=float, default=1e-5, help='see --atol (default 1e-5)')
     parser.add_argument('--no-check', action='store_true', help='skip reloading and comparing the file')
     parser.add_argument(
         '--onnx-forms', choices=('auto', 'plain'), default='auto',
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         result = export_model(
             model, output, args.format, input_size=(args.in_chans, args.img_size, args.img_size),
             batch_size=args.batch_size, dynamic_batch=not args.static_batch, opset=args.opset,
-            method=args.method, check=not args.no_check, atol=args.atol)
+            method=args.method, check=not args.no_check, atol=args.atol, rtol=args.rtol)
     except (ExportError, ValueError) as e:
         raise CLIError(str(e)) from e
     size_mb = os.path.getsize(result.path) / 2 ** 20
@@ -76,5 +78,5 @@ def run(args: argparse.Namespace) -> int:
     print(f'wrote {result.path} ({args.format}, {size_mb:.1f} MiB, input {result.input_shape}, {batch})')
     if result.max_abs_diff is not None:
         print(f'check: batch {result.check_batch_size}, max |diff| vs PyTorch = {result.max_abs_diff:.3g} '
-              f'(atol {args.atol:g}) OK')
+              f'(atol {args.atol:g}, rtol {args.rtol:g}) OK')
     return 0

@@ -18,6 +18,7 @@ onnxruntime runs int8 convs at full speed on CPUs with VNNI (AVX512-VNNI, AVX-VN
 its uint8 x int8 products can saturate; ``reduce_range=True`` (7-bit weights) avoids that at some cost in
 accuracy (onnxruntime's quantization documentation). Measure on the CPU you deploy to.
 """
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -177,6 +178,19 @@ def _speed(sessions: Dict[str, Any], input_shape: List[int], reps: int) -> Dict[
                 img_per_s_int8=round(speed['int8'], 2), int8_speedup=round(speed['int8'] / speed['float32'], 3))
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantization tools log a line per tensor on the root logger (bias copies, and per-channel
+    notes on BatchNorm's 1-D weights, which stay per-tensor); keep those out of the user's log."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_onnx_file(path: str, output: str, calibration: Iterable[torch.Tensor], method: str = 'minmax',
                        per_channel: bool = True, reduce_range: bool = False) -> int:
     """Write ``output``, the int8 QDQ form of the float32 ONNX file ``path``, with activation ranges calibrated on
@@ -191,7 +205,7 @@ def quantize_onnx_file(path: str, output: str, calibration: Iterable[torch.Tenso
     reader = _CalibrationReader(iter(calibration), input_name)
     calibrate = {'minmax': quantization.CalibrationMethod.MinMax, 'entropy': quantization.CalibrationMethod.Entropy,
                  'percentile': quantization.CalibrationMethod.Percentile}[method]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         prepared = os.path.join(tmp, 'prepared.onnx')
         quantization.quant_pre_process(path, prepared, skip_symbolic_shape=True)
         atomic_write(output, lambda out: quantization.quantize_static(

@@ -29,6 +29,7 @@ from .fft_weight_grad import fft_weight_grad, fft_weight_grad_applies
 __all__ = [
     'ConvShape', 'FORWARD_FORMS', 'INPUT_GRAD_FORMS', 'WEIGHT_GRAD_FORMS', 'forward_candidates',
     'weight_grad_candidates', 'grouped_conv_as_depthwise', 'run_forward', 'input_grad', 'weight_grad',
+    'input_and_weight_grad',
     'is_channels_last', 'in_format_of', 'conv_sharing_weight',
 ]
 
@@ -155,6 +156,14 @@ def input_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     """The gradient of the conv's input in form ``form`` (``'nchw'`` or ``'cl'``), in ``x``'s format."""
     gx = _conv_backward(grad, x, weight, stride, padding, dilation, groups, form == 'cl', [True, False, False])[0]
     return in_format_of(gx, x)
+
+
+def input_and_weight_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int,
+                          padding: int, dilation: int, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both gradients in one call of the conv's own backward in form ``form`` (``'nchw'`` or ``'cl'``): the same
+    numbers as :func:`input_grad` and :func:`weight_grad`, with ``grad`` and ``x`` converted to that format once."""
+    gx, gw, _ = _conv_backward(grad, x, weight, stride, padding, dilation, groups, form == 'cl', [True, True, False])
+    return in_format_of(gx, x), in_format_of(gw, weight)
 
 
 def weight_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,

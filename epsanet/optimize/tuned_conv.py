@@ -81,6 +81,8 @@ class _TunedConvFunction(torch.autograd.Function):
         input_form, weight_form = autotune.plan_backward(shape, grad, x, weight)
         grad_x: Optional[torch.Tensor] = None
         grad_w: Optional[torch.Tensor] = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and input_form == weight_form:
+            return (*conv_forms.input_and_weight_grad(input_form, grad, x, weight, *args), None, None)
         if ctx.needs_input_grad[0]:
             grad_x = conv_forms.input_grad(input_form, grad, x, weight, *args)
         if ctx.needs_input_grad[1]:

@@ -37,7 +37,7 @@ from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, Inference
 from .train.errors import ConfigError
 from .train.flags import arg
 from .train.loaders import eval_loader
-from .train.validate import dataset_from_config, load_for_inference
+from .train.validate import check_classes, dataset_from_config, load_for_inference
 
 __all__ = ['QuantizeConfig', 'quantize', 'quantize_onnx_file', 'CALIBRATION_METHODS']
 
@@ -226,13 +226,17 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
 
     _check(cfg)
     ort, _ = _import_quantization()
-    calib_set = dataset_from_config(cfg, cfg.split)
+    calib_set = dataset_from_config(cfg, cfg.split, labels=False)  # calibration needs images only
     if len(calib_set) == 0:
         raise ConfigError(f'the calibration split {cfg.split!r} of {cfg.data_dir or cfg.dataset} has no images.')
     model, data_config, meta = load_for_inference(cfg)
     name = cfg.model or meta.get('model') or 'epsanet50'
     output = cfg.output or f'{name.replace("/", "_").replace(":", "_")}-int8.onnx'
     input_size = tuple(data_config['input_size'])
+    eval_set = None
+    if cfg.eval_split:  # checked before any work: scores against other labels would be silently wrong
+        eval_set = dataset_from_config(cfg, cfg.eval_split)
+        check_classes(model, meta, eval_set, cfg.checkpoint)
     if cfg.onnx_forms == 'auto':
         model = optimize_for_onnxruntime(model, input_size=input_size, batch_size=cfg.speed_batch_size)
 
@@ -255,8 +259,7 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
         results.update(calibration_images=count, size_mib_float32=round(os.path.getsize(fp32) / 2 ** 20, 1),
                        size_mib_int8=round(os.path.getsize(output) / 2 ** 20, 1))
         sessions = {'float32': _session(ort, fp32), 'int8': _session(ort, str(output))}
-        if cfg.eval_split:
-            eval_set = dataset_from_config(cfg, cfg.eval_split)
+        if eval_set is not None:
             loader = eval_loader(eval_set, data_config, cfg.batch_size, cfg.workers, torch.device('cpu'))
             results.update(eval_split=cfg.eval_split, **_compare(sessions, _batches(loader, cfg.progress, 'compare')))
         if cfg.speed_reps:

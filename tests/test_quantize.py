@@ -8,6 +8,7 @@ import timm
 import torch
 
 from epsanet.cli import main
+from epsanet.data import DataError, write_image_folder
 from epsanet.export import export_model
 from epsanet.quantize import QuantizeConfig, quantize, quantize_onnx_file
 from epsanet.train.errors import ConfigError
@@ -64,6 +65,11 @@ def test_quantize_errors(trained, tmp_path, capsys):
         quantize(QuantizeConfig(data_dir=str(data), calibration_images=0))
     with pytest.raises(ConfigError, match='unknown calibration method'):
         quantize_onnx_file('m.onnx', str(tmp_path / 'x.onnx'), [], method='mse')
+    other = write_image_folder(tmp_path / 'other', classes=('a', 'b', 'x'), splits={'train': 1, 'val': 1})
+    with pytest.raises(DataError, match='are not the classes'):  # before any file is written
+        quantize(QuantizeConfig(checkpoint=str(run / 'best.safetensors'), data_dir=str(other),
+                                output=str(tmp_path / 'o.onnx'), workers=0, progress=False))
+    assert not (tmp_path / 'o.onnx').exists()
     code = main(['quantize', '--checkpoint', str(run / 'best.safetensors'), '--data-dir', str(data), '--split',
                  'nosuchsplit', '-o', str(tmp_path / 'q.onnx'), '--workers', '0', '--no-progress'])
     assert code == 2 and 'epsanet quantize: error:' in capsys.readouterr().err

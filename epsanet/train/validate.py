@@ -234,12 +234,22 @@ def load_for_inference(cfg, **model_kwargs) -> Tuple[torch.nn.Module, Dict[str, 
     return model.eval(), data_config, meta
 
 
+def check_classes(model: torch.nn.Module, meta: Dict[str, Any], dataset, checkpoint: str = '') -> None:
+    """Raise ``DataError`` if ``dataset``'s classes are not the ones the model predicts: another count, or other
+    names than the weights' metadata records (scores against other labels would be silently wrong)."""
+    classes = dataset_classes(dataset) or []
+    if classes and model.num_classes != len(classes):
+        raise DataError(f'the model has {model.num_classes} classes but {dataset.root} has {len(classes)} classes.')
+    if classes and meta.get('classes') and list(meta['classes']) != classes:
+        raise DataError(f'the classes of {dataset.root} ({", ".join(classes[:10])}, ...) are not the classes '
+                        f'{checkpoint or "the weights"} were trained on ({", ".join(meta["classes"][:10])}, ...).')
+
+
 def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     """Validate ``cfg.checkpoint`` (or registered weights) on ``cfg.data_dir/cfg.split``; return the results."""
     if not cfg.data_dir and not cfg.dataset.lower().startswith('hfds/'):
         raise ConfigError('--data-dir is required: an ImageFolder root (see --split), a .tar or a --dataset root.')
     dataset = dataset_from_config(cfg, cfg.split, batch_size=cfg.batch_size)
-    root = dataset.root
     classes = dataset_classes(dataset) or []
     if cfg.strict:
         verify_images(dataset, cfg.progress)
@@ -248,11 +258,7 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     model, data_config, meta = load_for_inference(cfg, **({} if cfg.num_classes or cfg.checkpoint or not classes else
                                                           dict(num_classes=len(classes))))
     num_classes = model.num_classes
-    if classes and num_classes != len(classes):
-        raise DataError(f'the model has {num_classes} classes but {root} has {len(classes)} classes.')
-    if classes and meta.get('classes') and list(meta['classes']) != classes:
-        raise DataError(f'the classes of {root} ({", ".join(classes[:10])}, ...) are not the classes '
-                        f'{cfg.checkpoint} was trained on ({", ".join(meta["classes"][:10])}, ...).')
+    check_classes(model, meta, dataset, cfg.checkpoint)
     device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
     if cfg.channels_last:

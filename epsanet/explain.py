@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from .data import DataError, load_image
 from .data.image import UNREADABLE_ERRORS
+from .files import atomic_write
 from .predict import expand_inputs
 from .progress import progress
-from .train.checkpoint import atomic_write
 from .train.config import InferenceModelOptions
 from .train.errors import ConfigError
 from .train.flags import arg

@@ -11,17 +11,16 @@ batch axis is dynamic.
 * TorchScript is deprecated by PyTorch (2.10+ warns); it is kept for runtimes that still need it.
 * ExportedPrograms are saved with ``torch.export.save`` and must end in ``.pt2``.
 """
-import contextlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .errors import EpsanetError
+from .files import atomic_write
 
 __all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'load_exported']
 
@@ -105,7 +104,8 @@ def export_model(
         'exported-program': lambda f: _write_exported_program(model, example, f, dynamic_batch),
     }
     result = ExportResult(str(path), format, tuple(example.shape), dynamic_batch)
-    with _atomic_path(str(path)) as tmp:
+
+    def write_and_check(tmp: str) -> None:
         try:
             writers[format](tmp)
         except Exception as e:  # the exporters raise many types; name the step that failed
@@ -115,6 +115,8 @@ def export_model(
             result.check_batch_size = n
             result.max_abs_diff = _check(model, load_exported(tmp, format), n, input_size, device, atol, rtol,
                                           format)
+    # the temporary file keeps the extension: torch.export.load needs .pt2
+    atomic_write(path, write_and_check, suffix=os.path.splitext(str(path))[1])
     return result
 
 
@@ -243,17 +245,3 @@ def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device('cpu')
 
-
-@contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
-    """Yield a temp path in ``path``'s folder (same extension); move it onto ``path`` on success."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 
 from .data import DataError, ImageFiles, IndexedSamples, find_images
 from .data.folder import is_image_file, skipped_index, unreadable_error, verify_files
+from .files import atomic_write
 from .progress import progress
-from .train.checkpoint import atomic_write
 from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
 from .train.errors import ConfigError
 from .train.flags import arg

@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 
-from .train.checkpoint import atomic_write
+from .files import atomic_write
 from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
 from .train.errors import ConfigError
 from .train.flags import arg

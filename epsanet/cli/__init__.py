@@ -57,6 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as e:
         print(f'epsanet {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except EpsanetError as e:  # a failed operation (a file that cannot be written, ...): one clear line
+        print(f'epsanet {args.command}: error: {e}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f'epsanet {args.command}: interrupted', file=sys.stderr)
         return 130

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -33,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..cache import ENV_CACHE, cache_dir
+from ..files import atomic_write
 from . import conv_forms
 from .conv_forms import ConvShape
 
@@ -111,11 +111,7 @@ def _remember(kind: str, key: Tuple, value: object) -> None:
     if path is None:
         return
     try:  # atomic: a concurrent reader sees the old or the new file, never half of one
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.autotune.', suffix='.json')
-        with os.fdopen(fd, 'w') as f:
-            json.dump(plans, f)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(plans)))
     except OSError as e:
         _logger.debug(f'Could not write the autotune cache {path}: {e}')
 

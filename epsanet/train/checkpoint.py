@@ -14,11 +14,9 @@ Every file is written to a temporary file in the same folder and renamed over th
 interrupted write (full disk, power loss, SIGKILL) leaves the previous checkpoint intact; the
 state file is written last, so everything an epoch writes before it is redone on resume.
 """
-import errno
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -26,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .. import files
 from .errors import CheckpointError
 from .interrupt import pause_point
 
@@ -43,38 +42,13 @@ _META_PREFIX = 'epsanet.'
 PathLike = Union[str, os.PathLike]
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()  # mkstemp makes 0600 files; finished files get the usual permissions
-
-
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``.
-
-    On any failure the temporary file is removed and ``path`` is untouched. ``OSError`` becomes a
-    :class:`CheckpointError` that says so (and names a full disk when that is the cause).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
+    """:func:`epsanet.files.atomic_write` for a training run's files: a failed write becomes a
+    :class:`CheckpointError` that also says how to resume."""
     try:
-        write(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        reason = 'the disk is full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        previous = 'the previous version of it is intact' if path.exists() else 'no previous version existed'
-        raise CheckpointError(f'could not write {path}: {reason}; {previous}. Free space (or choose another '
-                              '--output) and resume from the last checkpoint with --resume.') from e
-    except BaseException:
-        _remove(tmp)
-        raise
+        files.atomic_write(path, write)
+    except files.FileWriteError as e:
+        raise CheckpointError(f'{e} Resume from the last checkpoint with --resume.') from e
 
 
 def _remove(path: str) -> None:

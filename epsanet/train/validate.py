@@ -17,10 +17,11 @@ from timm.data.distributed_sampler import OrderedDistributedSampler
 
 from ..data import DataError, create_image_dataset, dataset_classes
 from ..data.folder import skipped_index, unreadable_error
+from ..files import atomic_write
 from ..optimize import optimize_for_inference
 from ..progress import DEFAULT_LOG_INTERVAL
 from ..progress import progress as progress_bar
-from .checkpoint import atomic_write, read_weights_metadata
+from .checkpoint import read_weights_metadata
 from .config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
 from .errors import CheckpointError, ConfigError
 from .factory import build_model

@@ -177,7 +177,9 @@ def plan_backward(shape: ConvShape, grad: torch.Tensor, x: torch.Tensor, weight:
         args = (shape.stride, shape.padding, shape.dilation, shape.groups)
         t_input = {form: _time(lambda form=form: conv_forms.input_grad(form, grad, x, weight, *args))
                    for form in conv_forms.INPUT_GRAD_FORMS}
-        t_weight = {form: _time(lambda form=form: conv_forms.weight_grad(form, grad, x, weight, *args))
+        # the FFT form is timed with its full cost: a repeated call must not reuse the first one's input spectrum
+        t_weight = {form: _time(lambda form=form: conv_forms.weight_grad(form, grad, x, weight, *args,
+                                                                         reuse_input_spectrum=False))
                     for form in conv_forms.weight_grad_candidates(shape)}
         _backward_cache[key] = (_fastest(t_input), _fastest(t_weight))
         _log('input gradient', shape, t_input, _backward_cache[key][0])

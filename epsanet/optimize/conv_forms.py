@@ -167,11 +167,11 @@ def input_and_weight_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight
 
 
 def weight_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
-                dilation: int, groups: int) -> torch.Tensor:
+                dilation: int, groups: int, reuse_input_spectrum: bool = True) -> torch.Tensor:
     """The gradient of the conv's weight in form ``form`` (``'nchw'``, ``'cl'`` or ``'fft'``), in the
     weight's memory format."""
     if form == 'fft':
-        gw = fft_weight_grad(x, grad, groups, weight.shape[-1], dilation)
+        gw = fft_weight_grad(x, grad, groups, weight.shape[-1], dilation, reuse_input_spectrum)
     else:
         gw = _conv_backward(grad, x, weight, stride, padding, dilation, groups, form == 'cl', [False, True, False])[1]
     return in_format_of(gw, weight)

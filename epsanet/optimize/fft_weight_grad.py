@@ -10,9 +10,18 @@ branches with 7x7 and 9x9 kernels and few channels per group.
 Whether it is faster than the conv's own weight gradient depends on the shape and the CPU: the
 autotuner (:mod:`epsanet.optimize.autotune`) times both on the running machine and keeps the faster.
 """
+import weakref
+from typing import Dict, Tuple
+
 import torch
 
 __all__ = ['fft_weight_grad', 'fft_weight_grad_applies']
+
+# id(x) -> (weak reference to x, x's version, transform size, rfft2 of x). The PSA branches of EPSANet Small
+# all read the same input, and the 7x7 and 9x9 branches pad it to the same transform size, so the second
+# weight gradient reuses the first one's input spectrum. An entry lives as long as x does (the weak
+# reference's callback drops it) and is used only for the same tensor object, unchanged since.
+_spectra: Dict[int, Tuple[weakref.ref, int, Tuple[int, int], torch.Tensor]] = {}
 
 
 def fft_weight_grad_applies(stride: int, dtype: torch.dtype) -> bool:
@@ -37,19 +46,38 @@ def _fast_fft_size(n: int) -> int:
         m += 1
 
 
-def fft_weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, kernel_size: int, dilation: int) -> torch.Tensor:
+def _input_spectrum(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``torch.fft.rfft2(x, s=size)``, computed once per input tensor and size (see ``_spectra``)."""
+    key = id(x)
+    entry = _spectra.get(key)
+    if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == size:
+        return entry[3]
+    spectrum = torch.fft.rfft2(x, s=size)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if key in _spectra and _spectra[key][0] is ref:
+            del _spectra[key]
+    _spectra[key] = (weakref.ref(x, forget), x._version, size, spectrum)
+    return spectrum
+
+
+def fft_weight_grad(x: torch.Tensor, grad: torch.Tensor, groups: int, kernel_size: int, dilation: int,
+                    reuse_input_spectrum: bool = True) -> torch.Tensor:
     """The weight gradient ``[out_chs, in_chs // groups, k, k]`` of a stride-1 ``conv2d(x, w,
     padding=dilation * (k // 2), dilation=dilation, groups=groups)`` whose output gradient is ``grad``.
 
     Float32 or float64 (FFTs have no half-precision CPU kernels). Transform lengths are at least
     ``H + pad`` (not ``H + 2 pad``): the circular correlation's negative lags then wrap into the
-    zero padding at the end.
+    zero padding at the end. With ``reuse_input_spectrum`` the FFT of ``x`` is kept while ``x`` lives
+    and reused by the next call on the same, unchanged tensor at the same transform size (the same
+    numbers); the autotuner turns it off to time the form's full cost.
     """
     n, in_chs, h, w = x.shape
     out_chs = grad.shape[1]
     pad = dilation * (kernel_size // 2)
     size = (_fast_fft_size(h + pad), _fast_fft_size(w + pad))
-    fx = torch.fft.rfft2(x, s=size).unflatten(1, (groups, 1, in_chs // groups))
+    spectrum = _input_spectrum(x, size) if reuse_input_spectrum else torch.fft.rfft2(x, s=size)
+    fx = spectrum.unflatten(1, (groups, 1, in_chs // groups))
     fg = torch.fft.rfft2(grad, s=size).unflatten(1, (groups, out_chs // groups, 1))
     corr = torch.fft.irfft2((fx * fg.conj()).sum(0), s=size)  # [groups, out/g, in/g, H', W']: every lag
     lags = torch.arange(-pad, pad + 1, dilation, device=x.device)

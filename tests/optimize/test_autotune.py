@@ -44,7 +44,7 @@ def test_keeps_the_fastest_form_and_times_each_shape_once(monkeypatch):
 
 def test_backward_keeps_the_fastest_gradient_forms(monkeypatch):
     monkeypatch.setattr(conv_forms, 'input_grad', lambda form, *a: {'nchw': 2.0, 'cl': 1.0}[form])
-    monkeypatch.setattr(conv_forms, 'weight_grad', lambda form, *a: {'nchw': 2.0, 'cl': 3.0, 'fft': 1.0}[form])
+    monkeypatch.setattr(conv_forms, 'weight_grad', lambda form, *a, **kw: {'nchw': 2.0, 'cl': 3.0, 'fft': 1.0}[form])
     monkeypatch.setattr(autotune, '_time', lambda fn, repeats=3: fn())
     x, w, g = _tensors()
     assert autotune.plan_backward(SHAPE, g, x, w) == ('cl', 'fft')

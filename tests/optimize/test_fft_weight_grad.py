@@ -76,6 +76,32 @@ def test_a_tuned_conv_that_picks_it_matches_conv2d(monkeypatch):
     up = torch.randn_like(ref)
     grads = torch.autograd.grad((out * up).sum(), [x, conv.weight])
     expected = torch.autograd.grad((ref * up).sum(), [x, conv.weight])
-    assert calls == [(16, 9, 1)]
+    assert calls == [(16, 9, 1, True)]
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_input_spectrum_is_reused_while_the_input_lives(monkeypatch):
+    """Two branches reading the same input (EPSANet Small) share its FFT; a changed or freed input never does."""
+    import gc
+
+    from epsanet.optimize import fft_weight_grad as module
+
+    calls = []
+    real_rfft2 = torch.fft.rfft2
+    monkeypatch.setattr(torch.fft, 'rfft2', lambda t, s=None: calls.append(t.shape) or real_rfft2(t, s=s))
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12, dtype=torch.float64)
+    g7, g9 = torch.randn(2, 4, 12, 12, dtype=torch.float64), torch.randn(2, 4, 12, 12, dtype=torch.float64)
+    a = fft_weight_grad(x, g7, 2, 7, 1)  # two branches on the same input, same transform size
+    b = fft_weight_grad(x, g9, 4, 7, 1)
+    assert [c for c in calls if c == x.shape] == [x.shape]  # the input transformed once
+    torch.testing.assert_close(a, fft_weight_grad(x, g7, 2, 7, 1, reuse_input_spectrum=False), rtol=0, atol=0)
+    torch.testing.assert_close(b, fft_weight_grad(x, g9, 4, 7, 1, reuse_input_spectrum=False), rtol=0, atol=0)
+    x.mul_(2)  # changed in place: a new version, a new spectrum
+    calls.clear()
+    torch.testing.assert_close(fft_weight_grad(x, g7, 2, 7, 1), 2 * a)
+    assert [c for c in calls if c == x.shape] == [x.shape]
+    del x
+    gc.collect()
+    assert module._spectra == {}  # nothing kept once the input is gone

@@ -508,9 +508,7 @@ def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: i
     first quantized as ``epsanet quantize`` does (:func:`epsanet.quantize.quantize_onnx_file`), calibrated on
     random batches, which times the int8 graph but says nothing of its accuracy; rows have mode
     ``onnxruntime-int8``."""
-    import onnxruntime as ort
-
-    from .export import export_model
+    from .export import export_model, onnxruntime_session
     from .quantize import quantize_onnx_file
 
     sessions = {}
@@ -525,10 +523,7 @@ def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: i
                            for _ in range(INT8_CALIBRATION_BATCHES)]
                 path, fp32 = os.path.join(tmp, f'{name}-int8.onnx'), path
                 quantize_onnx_file(fp32, path, batches)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            sessions[name] = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+            sessions[name] = onnxruntime_session(path, threads)
     x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size,
                     generator=torch.Generator().manual_seed(0)).numpy()
     steps = {n: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for n, s in sessions.items()}

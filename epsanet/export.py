@@ -22,7 +22,7 @@ from torch import nn
 from .errors import EpsanetError
 from .files import atomic_write
 
-__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'load_exported']
+__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'load_exported', 'onnxruntime_session']
 
 # format -> default file extension
 FORMATS: Dict[str, str] = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2'}
@@ -120,14 +120,25 @@ def export_model(
     return result
 
 
+def onnxruntime_session(path: str, threads: Optional[int] = None):
+    """onnxruntime's CPU session on ``path``; with ``threads``, that many intra-op threads and one inter-op
+    thread (what the benchmark, the int8 comparison and the branch-form timing run under)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+
+
 def load_exported(path: str, format: str) -> Callable[[torch.Tensor], List[torch.Tensor]]:
     """Load an exported file with its runtime; returns ``fn(x) -> list of output tensors``."""
     if format == 'onnx':
         import onnx
-        import onnxruntime as ort
 
         onnx.checker.check_model(path)
-        session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+        session = onnxruntime_session(path)
         input_name = session.get_inputs()[0].name
         return lambda x: [torch.from_numpy(o) for o in session.run(None, {input_name: x.detach().cpu().numpy()})]
     if format == 'torchscript':

@@ -25,9 +25,8 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -138,13 +137,6 @@ class _CalibrationReader:
         return {self.input_name: images.numpy()}
 
 
-def _session(ort, path: str):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
-
-
 def _compare(sessions: Dict[str, Any], batches: Iterator[tuple]) -> Dict[str, Any]:
     """Top-1 of each session and how often their top-1 agrees, on the same images."""
     correct = {name: 0 for name in sessions}
@@ -163,18 +155,15 @@ def _compare(sessions: Dict[str, Any], batches: Iterator[tuple]) -> Dict[str, An
                 top1_int8=round(100. * correct['int8'] / count, 2), top1_agreement=round(100. * agree / count, 2))
 
 
-def _speed(sessions: Dict[str, Any], input_shape: List[int], reps: int) -> Dict[str, Any]:
-    """img/s of each session on one random batch, interleaved, median of ``reps`` runs."""
-    x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
-    times: Dict[str, List[float]] = {name: [] for name in sessions}
-    for rep in range(reps + 1):  # the first round warms up
-        for name, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {s.get_inputs()[0].name: x})
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-    speed = {name: input_shape[0] / float(np.median(t)) for name, t in times.items()}
-    return dict(speed_batch_size=input_shape[0], img_per_s_float32=round(speed['float32'], 2),
+def _speed(sessions: Dict[str, Any], batch_size: int, img_size: int, reps: int) -> Dict[str, Any]:
+    """img/s of each session on one random batch, timed as ``epsanet benchmark`` times its candidates
+    (interleaved in a rotating order, median of ``reps`` runs)."""
+    from .benchmark import Setting, _time_steps
+
+    x = np.random.default_rng(0).standard_normal((batch_size, 3, img_size, img_size), dtype=np.float32)
+    steps = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
+    speed = {r.candidate: r.img_per_s for r in _time_steps(steps, Setting('onnxruntime', batch_size, img_size), reps)}
+    return dict(speed_batch_size=batch_size, img_per_s_float32=round(speed['float32'], 2),
                 img_per_s_int8=round(speed['int8'], 2), int8_speedup=round(speed['int8'] / speed['float32'], 3))
 
 
@@ -202,7 +191,11 @@ def quantize_onnx_file(path: str, output: str, calibration: Iterable[torch.Tenso
     import onnx
 
     input_name = onnx.load(path, load_external_data=False).graph.input[0].name
-    reader = _CalibrationReader(iter(calibration), input_name)
+    batches = iter(calibration)
+    first = next(batches, None)
+    if first is None:  # before anything is written: an existing output stays as it was
+        raise ConfigError('quantization needs at least one calibration image (none was readable); nothing written.')
+    reader = _CalibrationReader(itertools.chain([first], batches), input_name)
     calibrate = {'minmax': quantization.CalibrationMethod.MinMax, 'entropy': quantization.CalibrationMethod.Entropy,
                  'percentile': quantization.CalibrationMethod.Percentile}[method]
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
@@ -212,20 +205,17 @@ def quantize_onnx_file(path: str, output: str, calibration: Iterable[torch.Tenso
             prepared, out, reader, quant_format=quantization.QuantFormat.QDQ, per_channel=per_channel,
             reduce_range=reduce_range, activation_type=quantization.QuantType.QUInt8,
             weight_type=quantization.QuantType.QInt8, calibrate_method=calibrate))
-    if reader.count == 0:
-        os.remove(output)
-        raise ConfigError('quantization needs at least one calibration batch; nothing written.')
     return reader.count
 
 
 def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
     """Write ``cfg.output``, an int8 ONNX model of the weights, and return what it cost (see the module
     docstring): file sizes, top-1 of float32 and int8 on ``eval_split``, and their speed on this CPU."""
-    from .export import export_model
+    from .export import export_model, onnxruntime_session
     from .optimize.onnx_forms import optimize_for_onnxruntime
 
     _check(cfg)
-    ort, _ = _import_quantization()
+    _import_quantization()  # a missing onnxruntime is said before any work
     calib_set = dataset_from_config(cfg, cfg.split, labels=False)  # calibration needs images only
     if len(calib_set) == 0:
         raise ConfigError(f'the calibration split {cfg.split!r} of {cfg.data_dir or cfg.dataset} has no images.')
@@ -251,19 +241,17 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
         fp32 = os.path.join(tmp, 'float32.onnx')
         export_model(model, fp32, 'onnx', input_size=input_size, batch_size=cfg.speed_batch_size, check=True)
         batches = _batches(calib_loader, cfg.progress, 'calibrate', cfg.calibration_images)
-        first = next(batches, None)
-        if first is None:
-            raise ConfigError(f'no readable calibration image in split {cfg.split!r}; nothing written.')
-        count = quantize_onnx_file(fp32, output, (images for images, _ in itertools.chain([first], batches)),
-                                   cfg.calibrate_method, cfg.per_channel, cfg.reduce_range)
+        calibration = (images for images, _ in batches)
+        count = quantize_onnx_file(fp32, output, calibration, cfg.calibrate_method, cfg.per_channel, cfg.reduce_range)
         results.update(calibration_images=count, size_mib_float32=round(os.path.getsize(fp32) / 2 ** 20, 1),
                        size_mib_int8=round(os.path.getsize(output) / 2 ** 20, 1))
-        sessions = {'float32': _session(ort, fp32), 'int8': _session(ort, str(output))}
+        threads = torch.get_num_threads()
+        sessions = {'float32': onnxruntime_session(fp32, threads), 'int8': onnxruntime_session(str(output), threads)}
         if eval_set is not None:
             loader = eval_loader(eval_set, data_config, cfg.batch_size, cfg.workers, torch.device('cpu'))
             results.update(eval_split=cfg.eval_split, **_compare(sessions, _batches(loader, cfg.progress, 'compare')))
         if cfg.speed_reps:
-            results.update(_speed(sessions, [cfg.speed_batch_size, *input_size], cfg.speed_reps))
+            results.update(_speed(sessions, cfg.speed_batch_size, input_size[-1], cfg.speed_reps))
     if cfg.results_file:
         atomic_write(cfg.results_file, lambda path: Path(path).write_text(json.dumps(results, indent=1)))
     return results

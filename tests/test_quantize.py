@@ -65,6 +65,13 @@ def test_quantize_errors(trained, tmp_path, capsys):
         quantize(QuantizeConfig(data_dir=str(data), calibration_images=0))
     with pytest.raises(ConfigError, match='unknown calibration method'):
         quantize_onnx_file('m.onnx', str(tmp_path / 'x.onnx'), [], method='mse')
+    fp32, previous = tmp_path / 'f.onnx', tmp_path / 'previous-int8.onnx'
+    export_model(timm.create_model('epsanet50', num_classes=3, layers=(1, 1, 1, 1)), str(fp32), 'onnx',
+                 input_size=(3, 32, 32), check=False)
+    previous.write_bytes(b'an earlier file')
+    with pytest.raises(ConfigError, match='at least one calibration image'):
+        quantize_onnx_file(str(fp32), str(previous), [])
+    assert previous.read_bytes() == b'an earlier file'  # refused before anything was written
     other = write_image_folder(tmp_path / 'other', classes=('a', 'b', 'x'), splits={'train': 1, 'val': 1})
     with pytest.raises(DataError, match='are not the classes'):  # before any file is written
         quantize(QuantizeConfig(checkpoint=str(run / 'best.safetensors'), data_dir=str(other),

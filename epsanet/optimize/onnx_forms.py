@@ -143,15 +143,13 @@ def _branch_shapes(model: nn.Module, example: torch.Tensor) -> Dict[nn.Conv2d, C
 
 
 def _ort_ms(module: nn.Module, x: torch.Tensor, threads: int, repeats: int = 3) -> float:
-    import onnxruntime as ort
+    from ..export import onnxruntime_session
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings('ignore')
         path = os.path.join(tmp, 'conv.onnx')
         torch.onnx.export(module, (x,), path, dynamo=False, opset_version=17)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+        session = onnxruntime_session(path, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     session.run(None, feed)
     best = float('inf')

@@ -1,0 +1,223 @@
+"""``FusedBatchNorm2d``: a training-mode BatchNorm, and the ReLU after it, in two passes each way.
+
+PyTorch runs a BatchNorm and the ReLU after it as separate kernels: over a channels_last float32 map
+the forward pass reads the input for the statistics, normalises it and rectifies the result in place;
+the backward pass masks the gradient with the ReLU output, then reduces and maps it in the BatchNorm's
+backward. The C kernels in ``kernels/batchnorm_act.c`` (built on first use, :mod:`epsanet.optimize.native`)
+do the same arithmetic in one pass for the statistics and one for the output, forward and backward; the
+backward recomputes the ReLU mask from the BatchNorm input, which autograd keeps anyway.
+
+A ``FusedBatchNorm2d`` *is* an ``nn.BatchNorm2d`` holding the replaced module's own parameters and buffers
+(the same state-dict keys and tensors), called as a module, with ``relu=True`` when it also applies the
+ReLU that follows it. That ReLU module becomes a :class:`FusedReLU`, still an ``nn.ReLU``, which passes
+through a tensor its BatchNorm has already rectified and rectifies anything else: a BatchNorm replaced
+later (timm's ``freeze`` makes ``FrozenBatchNorm2d``, ``nn.SyncBatchNorm.convert_sync_batchnorm``
+makes ``SyncBatchNorm``) or an output changed in place by a hook never loses its ReLU.
+
+The kernels run in training mode on CPU float32 channels_last input, with affine parameters; everywhere
+else (eval mode, NCHW input, other dtypes or devices, autocast, TorchScript, tracing, ``torch.compile``,
+no C compiler) it runs PyTorch's ``batch_norm`` and ``relu``. Running statistics, ``momentum=None`` and
+``num_batches_tracked`` behave as in ``nn.BatchNorm2d``.
+
+:func:`fuse_batchnorm_act` swaps them into an EPSANet (part of :func:`epsanet.optimize_for_training`);
+:func:`unfuse_batchnorm_act` puts plain ``BatchNorm2d`` + ``ReLU`` modules back.
+"""
+import ctypes
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native
+
+__all__ = ['FusedBatchNorm2d', 'FusedReLU', 'fuse_batchnorm_act', 'unfuse_batchnorm_act', 'kernels_available']
+
+_RECTIFIED = '_epsanet_rectified_at_version'  # set on a FusedBatchNorm2d(relu=True) output
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_lib: Optional[ctypes.CDLL] = None
+_lib_loaded = False
+
+
+def _kernels() -> Optional[ctypes.CDLL]:
+    global _lib, _lib_loaded
+    if not _lib_loaded:
+        lib = native.load('batchnorm_act')
+        if lib is not None:
+            lib.batchnorm_act_forward.argtypes = [_P, _P, _I, _I, _P, _P, ctypes.c_double, ctypes.c_int, _P, _P, _P,
+                                                  ctypes.c_int]
+            lib.batchnorm_act_backward.argtypes = [_P, _P, _P, _I, _I, _P, _P, _P, _P, ctypes.c_int, _P, _P,
+                                                   ctypes.c_int]
+            lib.batchnorm_act_forward.restype = lib.batchnorm_act_backward.restype = ctypes.c_int
+        _lib, _lib_loaded = lib, True
+    return _lib
+
+
+def kernels_available() -> bool:
+    """Whether the fused kernels are built and loaded (see :mod:`epsanet.optimize.native`)."""
+    return _kernels() is not None
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+class _BatchNormActFunction(torch.autograd.Function):
+    """Training-mode BatchNorm (+ ReLU) by the C kernels. Updates the running statistics like
+    ``F.batch_norm``; saves the input, the parameters and the batch mean and 1/std."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], momentum: float, eps: float, relu: bool) -> torch.Tensor:
+        n, c, h, w = x.shape
+        rows = n * h * w
+        weight, bias = weight.detach().contiguous(), bias.detach().contiguous()
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        mean, invstd = x.new_empty(c), x.new_empty(c)
+        var = torch.empty(c, dtype=torch.float64)
+        status = _kernels().batchnorm_act_forward(
+            x.data_ptr(), y.data_ptr(), rows, c, weight.data_ptr(), bias.data_ptr(), eps, int(relu), mean.data_ptr(),
+            invstd.data_ptr(), var.data_ptr(), torch.get_num_threads())
+        if status:
+            raise MemoryError(f'batchnorm_act_forward could not allocate its {c}-channel work buffers.')
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_((var * (rows / (rows - 1))).to(running_var.dtype), alpha=momentum)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last) if ctx.needs_input_grad[0] else None
+        grad_w, grad_b = x.new_empty(c), x.new_empty(c)
+        status = _kernels().batchnorm_act_backward(
+            grad.data_ptr(), x.data_ptr(), _ptr(grad_x), n * h * w, c, weight.data_ptr(), bias.data_ptr(),
+            mean.data_ptr(), invstd.data_ptr(), int(ctx.relu), grad_w.data_ptr(), grad_b.data_ptr(),
+            torch.get_num_threads())
+        if status:
+            raise MemoryError(f'batchnorm_act_backward could not allocate its {c}-channel work buffers.')
+        return (grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b if ctx.needs_input_grad[2] else None,
+                None, None, None, None, None)
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """See the module docstring. Build it with :meth:`from_batchnorm`."""
+
+    relu: bool
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, relu: bool) -> 'FusedBatchNorm2d':
+        """A ``FusedBatchNorm2d`` holding ``bn``'s own parameters and buffers (no copies), in ``bn``'s mode,
+        that also applies a ReLU when ``relu``."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device='meta')
+        for name in ('weight', 'bias'):
+            setattr(new, name, getattr(bn, name))
+        for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+            new.register_buffer(name, getattr(bn, name))
+        new.relu = relu
+        new.train(bn.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (', relu=True' if self.relu else '')
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return (self.training and self.affine and type(x) is torch.Tensor and x.device.type == 'cpu'
+                and x.dtype == torch.float32 and x.dim() == 4 and self.weight.dtype == torch.float32
+                and x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] * x.shape[2] * x.shape[3] > 1
+                and not torch.is_autocast_enabled('cpu') and not torch.jit.is_scripting()
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and kernels_available())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            out = super().forward(x)
+            if not self.relu:
+                return out
+            out = F.relu(out, inplace=True)
+        else:
+            momentum = 0.0 if self.momentum is None else self.momentum
+            if self.track_running_stats and self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    momentum = 1.0 / float(self.num_batches_tracked)
+            running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+            out = _BatchNormActFunction.apply(x, self.weight, self.bias, *running, momentum, self.eps, self.relu)
+            if not self.relu:
+                return out
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            setattr(out, _RECTIFIED, out._version)
+        return out
+
+
+class FusedReLU(nn.ReLU):
+    """The ReLU after a ``FusedBatchNorm2d(relu=True)``: returns a tensor that module rectified (and nothing has
+    changed in place since) as it is, and rectifies any other input like ``nn.ReLU``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(x, _RECTIFIED, None) == x._version:
+            return x
+        return super().forward(x)
+
+
+# (BatchNorm, the ReLU right after it) attribute names in a PSABottleneck and in the stem of a timm ResNet
+_BLOCK_PAIRS: Tuple[Tuple[str, str], ...] = (('bn1', 'act1'), ('bn2', 'act2'))
+_STEM_PAIRS: Tuple[Tuple[str, str], ...] = (('bn1', 'act1'),)
+
+
+def _is_plain_relu(module: nn.Module) -> bool:
+    return type(module) is nn.ReLU
+
+
+def fuse_batchnorm_act(model: nn.Module) -> int:
+    """Swap every plain ``nn.BatchNorm2d`` of an EPSANet for a :class:`FusedBatchNorm2d` (in place), with the
+    ReLU that directly follows it (a block's ``bn1``/``act1`` and ``bn2``/``act2`` when ``drop_block`` is
+    identity, the stem's ``bn1``/``act1``) fused in and that ReLU module replaced by a :class:`FusedReLU`.
+    Returns the number of BatchNorms swapped; 0 (nothing changed) when the kernels are not available."""
+    from ..models.epsanet import PSABottleneck
+
+    if not kernels_available():
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, PSABottleneck):
+            pairs = _BLOCK_PAIRS if isinstance(parent.drop_block, nn.Identity) else _BLOCK_PAIRS[:1]
+        elif parent is model:
+            pairs = _STEM_PAIRS
+        else:
+            pairs = ()
+        for bn_name, act_name in pairs:
+            bn, act = getattr(parent, bn_name, None), getattr(parent, act_name, None)
+            if type(bn) is nn.BatchNorm2d and _is_plain_relu(act):
+                setattr(parent, bn_name, FusedBatchNorm2d.from_batchnorm(bn, relu=True))
+                setattr(parent, act_name, FusedReLU(inplace=act.inplace))
+                count += 1
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(parent, name, FusedBatchNorm2d.from_batchnorm(child, relu=False))
+                count += 1
+    return count
+
+
+def unfuse_batchnorm_act(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_batchnorm_act` in place: each ``FusedBatchNorm2d`` becomes a plain ``nn.BatchNorm2d``
+    holding the same tensors, and each ``FusedReLU`` a plain ``nn.ReLU``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FusedReLU):
+                setattr(parent, name, nn.ReLU(inplace=child.inplace))
+            elif isinstance(child, FusedBatchNorm2d):
+                bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats, device='meta')
+                bn.weight, bn.bias = child.weight, child.bias
+                for buf in ('running_mean', 'running_var', 'num_batches_tracked'):
+                    bn.register_buffer(buf, getattr(child, buf))
+                bn.train(child.training)
+                setattr(parent, name, bn)
+    return model

@@ -1,0 +1,184 @@
+/* Training-mode BatchNorm over a channels_last float32 map, with the ReLU after it fused in (act = 1) or not
+ * (act = 0). x, y, g, dx: [M, C] rows (M = N * H * W), channels contiguous. See epsanet/optimize/fused_bn_act.py.
+ *
+ * Forward:  mean, biased var over the M rows; y = act(x * scale + shift), scale = w / sqrt(var + eps),
+ *           shift = b - mean * scale (in float, as the backward pass computes them). One pass for the statistics (shifted by the first row, float partial sums
+ *           over 64 rows, double totals), one pass for y.
+ * Backward: with m = [x * scale + shift > 0] (1 without act) and gm = g * m:
+ *           db = sum(gm), dw = sum(gm * xhat), dx = w * invstd * (gm - db / M - xhat * dw / M);
+ *           one pass for the two sums, one for dx. x is read again instead of keeping the ReLU mask.
+ * Every thread reduces its own rows into its own partial sums; the partials are added in thread order, so the
+ * result does not depend on timing. Threads: torch's OpenMP runtime (libgomp.so.1, already loaded by torch).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define FLUSH_ROWS 64
+
+/* partial[t * 2C + c] and partial[t * 2C + C + c]: thread t's sums of a(row)[c] and b(row)[c]. */
+typedef struct { double *sums; int threads; } partials_t;
+
+static int partials_alloc(partials_t *p, int64_t C, int threads) {
+    p->threads = threads;
+    p->sums = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
+    return p->sums != NULL;
+}
+
+static void partials_total(const partials_t *p, int64_t C, double *a, double *b) {
+    for (int64_t c = 0; c < C; ++c) { a[c] = 0.0; b[c] = 0.0; }
+    for (int t = 0; t < p->threads; ++t) {
+        const double *s = p->sums + (size_t)t * 2 * C;
+        for (int64_t c = 0; c < C; ++c) { a[c] += s[c]; b[c] += s[C + c]; }
+    }
+}
+
+/* Returns 0 on success, 1 when memory could not be allocated. */
+int batchnorm_act_forward(const float *x, float *y, int64_t M, int64_t C, const float *w, const float *b, double eps,
+                          int act, float *mean_out, float *invstd_out, double *var_out, int threads) {
+    if (threads < 1) threads = 1;
+    partials_t part;
+    double *sum = (double *)malloc(2 * (size_t)C * sizeof(double));
+    float *coef = (float *)malloc(3 * (size_t)C * sizeof(float));
+    if (!sum || !coef || !partials_alloc(&part, C, threads)) { free(sum); free(coef); return 1; }
+    double *sumsq = sum + C;
+    float *first = coef, *scale = coef + C, *shift = coef + 2 * C;
+    memcpy(first, x, (size_t)C * sizeof(float));
+    int failed = 0;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t m0 = M * t / nt, m1 = M * (t + 1) / nt;
+        double *ls = part.sums + (size_t)t * 2 * C, *lq = ls + C;
+        float *fs = (float *)calloc(2 * (size_t)C, sizeof(float));
+        if (!fs) {
+            #pragma omp atomic write
+            failed = 1;
+        } else {
+            float *fq = fs + C;
+            int64_t count = 0;
+            for (int64_t m = m0; m < m1; ++m) {
+                const float *row = x + m * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) { float v = row[c] - first[c]; fs[c] += v; fq[c] += v * v; }
+                if (++count == FLUSH_ROWS || m == m1 - 1) {
+                    for (int64_t c = 0; c < C; ++c) { ls[c] += fs[c]; lq[c] += fq[c]; fs[c] = 0.f; fq[c] = 0.f; }
+                    count = 0;
+                }
+            }
+            free(fs);
+        }
+    }
+    if (failed) { free(sum); free(coef); free(part.sums); return 1; }
+    partials_total(&part, C, sum, sumsq);
+    for (int64_t c = 0; c < C; ++c) {
+        double shifted_mean = sum[c] / (double)M;
+        double var = sumsq[c] / (double)M - shifted_mean * shifted_mean;
+        if (var < 0.0) var = 0.0;
+        double mean = shifted_mean + (double)first[c];
+        double invstd = 1.0 / sqrt(var + eps);
+        mean_out[c] = (float)mean;
+        invstd_out[c] = (float)invstd;
+        var_out[c] = var;
+        /* the same float arithmetic as the backward pass, so both see the same ReLU mask */
+        scale[c] = w[c] * invstd_out[c];
+        shift[c] = b[c] - mean_out[c] * scale[c];
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        const float *xr = x + m * C;
+        float *yr = y + m * C;
+        if (act) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) { float z = xr[c] * scale[c] + shift[c]; yr[c] = z > 0.f ? z : 0.f; }
+        } else {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * scale[c] + shift[c];
+        }
+    }
+    free(sum); free(coef); free(part.sums);
+    return 0;
+}
+
+/* dx may be NULL (no input gradient wanted). Returns 0 on success, 1 when memory could not be allocated. */
+int batchnorm_act_backward(const float *g, const float *x, float *dx, int64_t M, int64_t C, const float *w,
+                           const float *b, const float *mean, const float *invstd, int act, float *dw, float *db,
+                           int threads) {
+    if (threads < 1) threads = 1;
+    partials_t part;
+    double *sum = (double *)malloc(2 * (size_t)C * sizeof(double));
+    float *coef = (float *)malloc(5 * (size_t)C * sizeof(float));
+    if (!sum || !coef || !partials_alloc(&part, C, threads)) { free(sum); free(coef); return 1; }
+    double *sum_gx = sum + C;  /* sum(gm) and sum(gm * (x - mean)) */
+    float *scale = coef, *shift = coef + C, *a = coef + 2 * C, *k1 = coef + 3 * C, *k0 = coef + 4 * C;
+    for (int64_t c = 0; c < C; ++c) { scale[c] = w[c] * invstd[c]; shift[c] = b[c] - mean[c] * scale[c]; }
+    int failed = 0;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t m0 = M * t / nt, m1 = M * (t + 1) / nt;
+        double *ls = part.sums + (size_t)t * 2 * C, *lx = ls + C;
+        float *fs = (float *)calloc(2 * (size_t)C, sizeof(float));
+        if (!fs) {
+            #pragma omp atomic write
+            failed = 1;
+        } else {
+            float *fx = fs + C;
+            int64_t count = 0;
+            for (int64_t m = m0; m < m1; ++m) {
+                const float *gr = g + m * C, *xr = x + m * C;
+                if (act) {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                        float gm = xr[c] * scale[c] + shift[c] > 0.f ? gr[c] : 0.f;
+                        fs[c] += gm; fx[c] += gm * (xr[c] - mean[c]);
+                    }
+                } else {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) { fs[c] += gr[c]; fx[c] += gr[c] * (xr[c] - mean[c]); }
+                }
+                if (++count == FLUSH_ROWS || m == m1 - 1) {
+                    for (int64_t c = 0; c < C; ++c) { ls[c] += fs[c]; lx[c] += fx[c]; fs[c] = 0.f; fx[c] = 0.f; }
+                    count = 0;
+                }
+            }
+            free(fs);
+        }
+    }
+    if (failed) { free(sum); free(coef); free(part.sums); return 1; }
+    partials_total(&part, C, sum, sum_gx);
+    for (int64_t c = 0; c < C; ++c) {
+        double is = invstd[c];
+        double sum_gxhat = sum_gx[c] * is;
+        db[c] = (float)sum[c];
+        dw[c] = (float)sum_gxhat;
+        double wi = (double)w[c] * is;
+        double coef_x = -wi * is * sum_gxhat / (double)M;
+        a[c] = (float)wi;
+        k1[c] = (float)coef_x;
+        k0[c] = (float)(-wi * sum[c] / (double)M - coef_x * (double)mean[c]);
+    }
+    if (dx) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            const float *gr = g + m * C, *xr = x + m * C;
+            float *dr = dx + m * C;
+            if (act) {
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    float gm = xr[c] * scale[c] + shift[c] > 0.f ? gr[c] : 0.f;
+                    dr[c] = gm * a[c] + xr[c] * k1[c] + k0[c];
+                }
+            } else {
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) dr[c] = gr[c] * a[c] + xr[c] * k1[c] + k0[c];
+            }
+        }
+    }
+    free(sum); free(coef); free(part.sums);
+    return 0;
+}

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import epsanet
+from epsanet.models import PSABottleneck
 from epsanet.optimize import fused_bn_act, native
-from epsanet.optimize.fused_bn_act import FusedBatchNorm2d, FusedReLU, fuse_batchnorm_act, unfuse_batchnorm_act
+from epsanet.optimize.fused_bn_act import (
+    FusedBatchNorm2d,
+    FusedReLU,
+    FusedResidualPSABottleneck,
+    fuse_batchnorm_act,
+    unfuse_batchnorm_act,
+)
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason='no C compiler on this machine')
 
@@ -21,11 +28,14 @@ def test_the_kernels_build_and_load():
     assert fused_bn_act.kernels_available(), 'the batchnorm_act kernels did not build; see the log'
 
 
-def _naive(x, weight, bias, eps, relu):
-    """BatchNorm in training mode as defined: per-channel batch mean and biased variance over N, H, W."""
+def _naive(x, weight, bias, eps, relu, residual=None):
+    """BatchNorm in training mode as defined: per-channel batch mean and biased variance over N, H, W; then the
+    residual, then the ReLU."""
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
     y = (x - mean) / torch.sqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
     return torch.clamp(y, min=0) if relu else y
 
 
@@ -43,27 +53,32 @@ def _pair(c, relu, momentum=0.1):
 SHAPES = [(2, 3, 5, 7), (4, 64, 9, 9), (3, 130, 6, 5), (8, 16, 1, 1)]
 
 
+@pytest.mark.parametrize('residual', [False, True], ids=['', 'residual'])
 @pytest.mark.parametrize('relu', [True, False], ids=['relu', 'no_act'])
 @pytest.mark.parametrize('shape', SHAPES, ids=str)
-def test_forward_and_gradients_equal_the_naive_float64_definition(shape, relu):
+def test_forward_and_gradients_equal_the_naive_float64_definition(shape, relu, residual):
     bn, fused = _pair(shape[1], relu)
     x = (torch.randn(shape) * 2 + 0.5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    r = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_() if residual else None
     g = torch.randn(shape)
-    y = fused(x)
+    y = fused(x, r)
     assert y.is_contiguous(memory_format=torch.channels_last)
     y.backward(g)
 
     x64 = x.detach().double().requires_grad_()
+    r64 = r.detach().double().requires_grad_() if residual else None
     w64, b64 = bn.weight.detach().double().requires_grad_(), bn.bias.detach().double().requires_grad_()
-    y64 = _naive(x64, w64, b64, bn.eps, relu)
+    y64 = _naive(x64, w64, b64, bn.eps, relu, r64)
     y64.backward(g.double())
     torch.testing.assert_close(y.double(), y64.detach(), atol=2e-5, rtol=1e-5)
     # where the float32 pre-activation sits within rounding of 0, the ReLU's gradient may differ: leave those out
-    z64 = _naive(x64.detach(), w64.detach(), b64.detach(), bn.eps, relu=False)
+    z64 = _naive(x64.detach(), w64.detach(), b64.detach(), bn.eps, False, None if r64 is None else r64.detach())
     keep = (z64.abs() > 1e-4) if relu else torch.ones_like(z64, dtype=torch.bool)
     assert keep.float().mean() > 0.99
     scale = x64.grad.abs().max()
     torch.testing.assert_close(x.grad.double()[keep] / scale, x64.grad[keep] / scale, atol=1e-5, rtol=0)
+    if residual:
+        torch.testing.assert_close(r.grad.double()[keep], r64.grad[keep], atol=1e-6, rtol=0)
     torch.testing.assert_close(fused.weight.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(fused.bias.grad.double(), b64.grad, atol=1e-4, rtol=1e-5)
 
@@ -153,10 +168,11 @@ def test_the_swap_fuses_every_relu_that_follows_a_batchnorm_and_undoes_exactly()
     types = [type(m) for m in model.modules()]
     assert fuse_batchnorm_act(model) == 53  # the stem, 3 per block (16 blocks), 4 shortcut BatchNorms
     fused = [m for m in model.modules() if isinstance(m, FusedBatchNorm2d)]
-    assert sum(m.relu for m in fused) == 1 + 2 * 16
+    assert sum(m.relu for m in fused) == 1 + 3 * 16
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
-    assert sum(type(m) is FusedReLU for m in model.modules()) == 1 + 2 * 16
-    assert sum(type(m) is nn.ReLU for m in model.modules()) == 2 * 16  # act3 (after the residual sum), the SE's
+    assert sum(type(m) is FusedReLU for m in model.modules()) == 1 + 3 * 16
+    assert sum(type(m) is nn.ReLU for m in model.modules()) == 16  # the SE modules'
+    assert sum(type(m) is FusedResidualPSABottleneck for m in model.modules()) == 16
     assert {k: v for k, v in model.state_dict(keep_vars=True).items()} == before
     assert fuse_batchnorm_act(model) == 0  # idempotent
     unfuse_batchnorm_act(model)
@@ -256,6 +272,15 @@ def test_the_relu_after_a_fused_batchnorm_passes_its_output_through_and_rectifie
     assert act(y).min() >= 0
     z = torch.randn(5)
     torch.testing.assert_close(act(z), F.relu(z))
+
+
+def test_a_block_with_drop_path_keeps_its_own_residual_sum():
+    model = timm.create_model('epsanet50', num_classes=5, drop_path_rate=0.1)
+    fuse_batchnorm_act(model)
+    with_drop_path = [m for m in model.modules() if isinstance(m, PSABottleneck) and m.drop_path is not None]
+    assert len(with_drop_path) == 15  # timm gives the first block a drop rate of 0, so no DropPath
+    assert all(type(b) is PSABottleneck and type(b.act3) is nn.ReLU for b in with_drop_path)
+    assert all(b.bn1.relu and b.bn2.relu and not b.bn3.relu for b in with_drop_path)
 
 
 def test_replacing_the_batchnorms_afterwards_keeps_every_relu():

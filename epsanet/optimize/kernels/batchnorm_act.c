@@ -1,12 +1,14 @@
 /* Training-mode BatchNorm over a channels_last float32 map, with the ReLU after it fused in (act = 1) or not
- * (act = 0). x, y, g, dx: [M, C] rows (M = N * H * W), channels contiguous. See epsanet/optimize/fused_bn_act.py.
+ * (act = 0), and optionally a residual r added before the ReLU. x, r, y, g, dx, dr: [M, C] rows (M = N * H * W),
+ * channels contiguous. See epsanet/optimize/fused_bn_act.py.
  *
- * Forward:  mean, biased var over the M rows; y = act(x * scale + shift), scale = w / sqrt(var + eps),
+ * Forward:  mean, biased var over the M rows; y = act(x * scale + shift [+ r]), scale = w / sqrt(var + eps),
  *           shift = b - mean * scale (in float, as the backward pass computes them). One pass for the statistics (shifted by the first row, float partial sums
  *           over 64 rows, double totals), one pass for y.
- * Backward: with m = [x * scale + shift > 0] (1 without act) and gm = g * m:
- *           db = sum(gm), dw = sum(gm * xhat), dx = w * invstd * (gm - db / M - xhat * dw / M);
- *           one pass for the two sums, one for dx. x is read again instead of keeping the ReLU mask.
+ * Backward: with m = [x * scale + shift > 0] (or [y > 0] when a residual was added; 1 without act), gm = g * m:
+ *           db = sum(gm), dw = sum(gm * xhat), dx = w * invstd * (gm - db / M - xhat * dw / M), dr = gm;
+ *           one pass for the two sums, one for dx (and dr). Without a residual, x is read again instead of
+ *           keeping the ReLU mask.
  * Every thread reduces its own rows into its own partial sums; the partials are added in thread order, so the
  * result does not depend on timing. Threads: torch's OpenMP runtime (libgomp.so.1, already loaded by torch).
  */
@@ -36,8 +38,10 @@ static void partials_total(const partials_t *p, int64_t C, double *a, double *b)
 }
 
 /* Returns 0 on success, 1 when memory could not be allocated. */
-int batchnorm_act_forward(const float *x, float *y, int64_t M, int64_t C, const float *w, const float *b, double eps,
-                          int act, float *mean_out, float *invstd_out, double *var_out, int threads) {
+/* r may be NULL (no residual). */
+int batchnorm_act_forward(const float *x, const float *r, float *y, int64_t M, int64_t C, const float *w,
+                          const float *b, double eps, int act, float *mean_out, float *invstd_out, double *var_out,
+                          int threads) {
     if (threads < 1) threads = 1;
     partials_t part;
     double *sum = (double *)malloc(2 * (size_t)C * sizeof(double));
@@ -91,7 +95,19 @@ int batchnorm_act_forward(const float *x, float *y, int64_t M, int64_t C, const 
     for (int64_t m = 0; m < M; ++m) {
         const float *xr = x + m * C;
         float *yr = y + m * C;
-        if (act) {
+        if (r) {
+            const float *rr = r + m * C;
+            if (act) {
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    float z = xr[c] * scale[c] + shift[c] + rr[c];
+                    yr[c] = z > 0.f ? z : 0.f;
+                }
+            } else {
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * scale[c] + shift[c] + rr[c];
+            }
+        } else if (act) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) { float z = xr[c] * scale[c] + shift[c]; yr[c] = z > 0.f ? z : 0.f; }
         } else {
@@ -103,10 +119,12 @@ int batchnorm_act_forward(const float *x, float *y, int64_t M, int64_t C, const 
     return 0;
 }
 
-/* dx may be NULL (no input gradient wanted). Returns 0 on success, 1 when memory could not be allocated. */
-int batchnorm_act_backward(const float *g, const float *x, float *dx, int64_t M, int64_t C, const float *w,
-                           const float *b, const float *mean, const float *invstd, int act, float *dw, float *db,
-                           int threads) {
+/* y: the forward output when a residual was added (its ReLU mask is read from it), else NULL. dx and dr (the
+ * residual's gradient, only with a residual) may be NULL when not wanted. Returns 0 on success, 1 when memory
+ * could not be allocated. */
+int batchnorm_act_backward(const float *g, const float *x, const float *y, float *dx, float *dr, int64_t M, int64_t C,
+                           const float *w, const float *b, const float *mean, const float *invstd, int act, float *dw,
+                           float *db, int threads) {
     if (threads < 1) threads = 1;
     partials_t part;
     double *sum = (double *)malloc(2 * (size_t)C * sizeof(double));
@@ -131,7 +149,14 @@ int batchnorm_act_backward(const float *g, const float *x, float *dx, int64_t M,
             int64_t count = 0;
             for (int64_t m = m0; m < m1; ++m) {
                 const float *gr = g + m * C, *xr = x + m * C;
-                if (act) {
+                if (act && y) {
+                    const float *yr = y + m * C;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                        float gm = yr[c] > 0.f ? gr[c] : 0.f;
+                        fs[c] += gm; fx[c] += gm * (xr[c] - mean[c]);
+                    }
+                } else if (act) {
                     #pragma omp simd
                     for (int64_t c = 0; c < C; ++c) {
                         float gm = xr[c] * scale[c] + shift[c] > 0.f ? gr[c] : 0.f;
@@ -162,20 +187,43 @@ int batchnorm_act_backward(const float *g, const float *x, float *dx, int64_t M,
         k1[c] = (float)coef_x;
         k0[c] = (float)(-wi * sum[c] / (double)M - coef_x * (double)mean[c]);
     }
-    if (dx) {
+    if (dx || dr) {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             const float *gr = g + m * C, *xr = x + m * C;
-            float *dr = dx + m * C;
-            if (act) {
-                #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                    float gm = xr[c] * scale[c] + shift[c] > 0.f ? gr[c] : 0.f;
-                    dr[c] = gm * a[c] + xr[c] * k1[c] + k0[c];
+            float *dxr = dx ? dx + m * C : NULL, *drr = dr ? dr + m * C : NULL;
+            if (act && y) {
+                const float *yr = y + m * C;
+                if (dxr && drr) {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                        float gm = yr[c] > 0.f ? gr[c] : 0.f;
+                        dxr[c] = gm * a[c] + xr[c] * k1[c] + k0[c];
+                        drr[c] = gm;
+                    }
+                } else if (dxr) {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                        float gm = yr[c] > 0.f ? gr[c] : 0.f;
+                        dxr[c] = gm * a[c] + xr[c] * k1[c] + k0[c];
+                    }
+                } else {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) drr[c] = yr[c] > 0.f ? gr[c] : 0.f;
                 }
             } else {
-                #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) dr[c] = gr[c] * a[c] + xr[c] * k1[c] + k0[c];
+                if (drr) memcpy(drr, gr, (size_t)C * sizeof(float));  /* no ReLU after the sum: dr = g */
+                if (!dxr) continue;
+                if (act) {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                        float gm = xr[c] * scale[c] + shift[c] > 0.f ? gr[c] : 0.f;
+                        dxr[c] = gm * a[c] + xr[c] * k1[c] + k0[c];
+                    }
+                } else {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) dxr[c] = gr[c] * a[c] + xr[c] * k1[c] + k0[c];
+                }
             }
         }
     }

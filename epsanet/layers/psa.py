@@ -136,11 +136,15 @@ class PyramidSqueezeAttention(nn.Module):
 
     def branch_features(self, x: torch.Tensor) -> torch.Tensor:
         """The branch convs' outputs concatenated in reversed branch order (largest kernel first)."""
+        return torch.cat(self.branch_outputs(x), dim=1)
+
+    def branch_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The branch convs' outputs, in reversed branch order (largest kernel first), not concatenated."""
         inputs = torch.chunk(x, self.num_branches, dim=1) if self.split_input else [x] * self.num_branches
         outs: List[torch.Tensor] = []
         for i, conv in enumerate(self.convs):
             outs.insert(0, conv(inputs[i]))
-        return torch.cat(outs, dim=1)
+        return outs
 
     def attention(self, feats: torch.Tensor) -> torch.Tensor:
         """The softmax attention ``[N, S * C, 1, 1]`` for the concatenated branch features ``feats``.
@@ -148,8 +152,12 @@ class PyramidSqueezeAttention(nn.Module):
         One batched call of the shared SE module over all branches (``[N * S, C, 1, 1]``), then a
         softmax over the branch axis; the same numbers as applying the SE to each branch separately.
         """
+        return self.attention_from_pooled(feats.mean(dim=(2, 3)))
+
+    def attention_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """:meth:`attention` from the features' spatial means ``pooled`` (``[N, S * C]``)."""
         s, c = self.num_branches, self.branch_chs
-        pooled = feats.mean(dim=(2, 3)).reshape(-1, c, 1, 1)
+        pooled = pooled.reshape(-1, c, 1, 1)
         return self.se(pooled).reshape(-1, s, c, 1, 1).softmax(dim=1).reshape(-1, s * c, 1, 1)
 
 

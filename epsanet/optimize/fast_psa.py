@@ -6,7 +6,10 @@ Two changes from :class:`~epsanet.layers.PyramidSqueezeAttention`, each switched
   features. The attention gradient is recovered from the output, since the attention weights are
   ``>= 1 / (1 + (S - 1) e) > 0``. Only for a layer whose output is not changed in place afterwards,
   such as one followed by a BatchNorm, which keeps that same tensor: then it saves one feature map
-  per layer. An in-place change of the output makes autograd raise its usual error.
+  per layer. An in-place change of the output makes autograd raise its usual error. The branch
+  outputs are not concatenated first: each is scaled straight into its slice of the output, and the
+  backward pass hands every branch conv its own gradient, laid out as the conv's output was (no copy
+  of a strided slice).
 * ``out_scale`` / ``out_shift`` (inference): a per-channel affine map, e.g. the eval-mode BatchNorm
   that follows the layer, computed in the same pass as the attention product
   (``feats * (attn * scale) + shift``: one pass over the features instead of two).
@@ -49,29 +52,50 @@ class FastPSA(PyramidSqueezeAttention):
         self.out_shift = shift.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.save_output_for_backward and torch.is_grad_enabled() and self.out_scale is None:
+            outs = self.branch_outputs(x)
+            attn = self.attention_from_pooled(torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1))
+            return _ScaleConcatSavingOutput.apply(attn, *outs)
         feats = self.branch_features(x)
         attn = self.attention(feats)
         if self.out_scale is not None and self.out_shift is not None:
             return torch.addcmul(self.out_shift.view(1, -1, 1, 1), feats, attn * self.out_scale.view(1, -1, 1, 1))
-        if self.save_output_for_backward and torch.is_grad_enabled():
-            return _ScaleSavingOutput.apply(feats, attn)
         return feats * attn
 
 
-class _ScaleSavingOutput(torch.autograd.Function):
-    """``out = feats * attn`` (``attn``: ``[N, C, 1, 1]``, all > 0) that saves ``out``, not ``feats``.
+class _ScaleConcatSavingOutput(torch.autograd.Function):
+    """``out = cat(feats, dim=1) * attn`` (``attn``: ``[N, C, 1, 1]``, all > 0), each branch written straight into
+    its channel slice of ``out``; saves ``out``, not the branch features.
 
-    Backward: ``d feats = g * attn`` and ``d attn = sum_hw(g * feats) = sum_hw(g * out) / attn``.
+    Backward: ``d feats_i = g_i * attn_i`` (a new dense tensor per branch, in the layout of ``out``) and
+    ``d attn = sum_hw(g * feats) = sum_hw(g * out) / attn``.
     """
 
     @staticmethod
-    def forward(ctx, feats: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        out = feats * attn
+    def forward(ctx, attn: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = feats[0].shape
+        channels = [f.shape[1] for f in feats]
+        fmt = torch.channels_last if feats[0].is_contiguous(memory_format=torch.channels_last) and not \
+            feats[0].is_contiguous() else torch.contiguous_format
+        out = torch.empty((n, sum(channels), h, w), dtype=feats[0].dtype, device=feats[0].device, memory_format=fmt)
+        start = 0
+        for f, c in zip(feats, channels):
+            torch.mul(f, attn[:, start:start + c], out=out[:, start:start + c])
+            start += c
         ctx.save_for_backward(out, attn)
+        ctx.channels = channels
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out, attn = ctx.saved_tensors
         grad_attn = (grad * out).sum(dim=(2, 3), keepdim=True) / attn
-        return grad * attn, grad_attn
+        grads, start = [], 0
+        n, _, h, w = out.shape
+        fmt = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous() \
+            else torch.contiguous_format
+        for c in ctx.channels:  # in the layout of the output (so of the branch convs' outputs), whatever grad's is
+            g = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+            grads.append(torch.mul(grad[:, start:start + c], attn[:, start:start + c], out=g))
+            start += c
+        return (grad_attn, *grads)

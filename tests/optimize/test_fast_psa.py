@@ -106,3 +106,21 @@ def test_fold_batchnorm_folds_every_bn_also_without_affine_parameters():
 def test_fold_batchnorm_refuses_training_mode():
     with pytest.raises(ValueError, match='eval'):
         fold_batchnorm(timm.create_model('epsanet50', num_classes=10))
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+def test_memory_saver_hands_each_branch_a_dense_gradient_in_its_output_layout(channels_last):
+    """Each branch conv gets its own gradient tensor, dense in the layout of its output, not a strided slice of
+    the layer's gradient (the conv's backward would copy that)."""
+    _, layer = _pair(save_output=True)
+    x = torch.randn(2, 64, 12, 12)
+    if channels_last:
+        x = x.to(memory_format=CL)
+    fmt = CL if channels_last else torch.contiguous_format
+    grads = []
+    hooks = [conv.register_full_backward_hook(lambda m, gi, go: grads.append(go[0])) for conv in layer.convs]
+    layer(x.requires_grad_()).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert len(grads) == 4
+    assert all(g.is_contiguous(memory_format=fmt) for g in grads)

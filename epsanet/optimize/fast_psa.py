@@ -17,7 +17,7 @@ Two changes from :class:`~epsanet.layers.PyramidSqueezeAttention`, each switched
 The branch convs are whatever modules the layer holds (:class:`~epsanet.optimize.tuned_conv.TunedConv2d`
 after the transforms), called as modules; so is the SE module.
 """
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -63,6 +63,18 @@ class FastPSA(PyramidSqueezeAttention):
         return feats * attn
 
 
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _empty_concat(feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An uninitialised ``cat(feats, dim=1)``-shaped tensor in the layout of ``feats[0]``."""
+    n, _, h, w = feats[0].shape
+    return torch.empty((n, sum(f.shape[1] for f in feats), h, w), dtype=feats[0].dtype, device=feats[0].device,
+                       memory_format=_layout(feats[0]))
+
+
 class _ScaleConcatSavingOutput(torch.autograd.Function):
     """``out = cat(feats, dim=1) * attn`` (``attn``: ``[N, C, 1, 1]``, all > 0), each branch written straight into
     its channel slice of ``out``; saves ``out``, not the branch features.
@@ -73,11 +85,8 @@ class _ScaleConcatSavingOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attn: torch.Tensor, *feats: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = feats[0].shape
         channels = [f.shape[1] for f in feats]
-        fmt = torch.channels_last if feats[0].is_contiguous(memory_format=torch.channels_last) and not \
-            feats[0].is_contiguous() else torch.contiguous_format
-        out = torch.empty((n, sum(channels), h, w), dtype=feats[0].dtype, device=feats[0].device, memory_format=fmt)
+        out = _empty_concat(feats)
         start = 0
         for f, c in zip(feats, channels):
             torch.mul(f, attn[:, start:start + c], out=out[:, start:start + c])
@@ -92,8 +101,7 @@ class _ScaleConcatSavingOutput(torch.autograd.Function):
         grad_attn = (grad * out).sum(dim=(2, 3), keepdim=True) / attn
         grads, start = [], 0
         n, _, h, w = out.shape
-        fmt = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous() \
-            else torch.contiguous_format
+        fmt = _layout(out)
         for c in ctx.channels:  # in the layout of the output (so of the branch convs' outputs), whatever grad's is
             g = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
             grads.append(torch.mul(grad[:, start:start + c], attn[:, start:start + c], out=g))

@@ -2,7 +2,8 @@
 
 The sources live in ``epsanet/optimize/kernels/*.c`` (plain C with OpenMP, no PyTorch headers, so a
 build takes about a second). :func:`load` compiles one with ``$CC`` (else ``cc``, else ``gcc``) and
-``-O3 -march=native -fopenmp``, keeps the shared library in the cache folder
+``-O3 -march=native -fopenmp`` (``EPSANET_NATIVE_MARCH=haswell``, for example, builds for another ISA:
+to measure what an AVX2-only CPU would run), keeps the shared library in the cache folder
 (``$EPSANET_CACHE_DIR/kernels``, see :mod:`epsanet.cache`) under a name that holds a hash of the source,
 the compiler's version, the flags and the CPU, and loads it with :mod:`ctypes`. The library's OpenMP
 calls go to the runtime that PyTorch has already loaded (``libgomp.so.1``), so both share one thread pool.
@@ -20,19 +21,19 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch  # noqa: F401  (loads libgomp.so.1 before any kernel library needs it)
 
 from ..cache import cache_dir
 from ..files import atomic_write
 
-__all__ = ['ENV_NATIVE', 'FLAGS', 'load', 'compiler', 'library_path']
+__all__ = ['ENV_NATIVE', 'ENV_MARCH', 'flags', 'load', 'compiler', 'library_path']
 
 _logger = logging.getLogger(__name__)
 
 ENV_NATIVE = 'EPSANET_NATIVE_KERNELS'
-FLAGS = ('-O3', '-march=native', '-fopenmp', '-fPIC', '-shared')
+ENV_MARCH = 'EPSANET_NATIVE_MARCH'
 SOURCES = Path(__file__).resolve().parent / 'kernels'
 BUILD_TIMEOUT_S = 300
 
@@ -46,6 +47,12 @@ def compiler() -> Optional[str]:
     if cc:
         return shutil.which(cc) or cc
     return shutil.which('cc') or shutil.which('gcc')
+
+
+def flags() -> Tuple[str, ...]:
+    """The compiler flags: ``-march`` from ``$EPSANET_NATIVE_MARCH`` (default ``native``: the running CPU)."""
+    march = os.environ.get(ENV_MARCH, '').strip() or 'native'
+    return ('-O3', f'-march={march}', '-fopenmp', '-fPIC', '-shared')
 
 
 def _enabled() -> bool:
@@ -71,7 +78,7 @@ def library_path(name: str, cc: str) -> Path:
     decides the machine code (source, compiler version, flags, CPU model and ISA flags, architecture)."""
     source = (SOURCES / f'{name}.c').read_bytes()
     key = hashlib.sha256(b'\0'.join([
-        source, _compiler_version(cc).encode(), ' '.join(FLAGS).encode(), _cpu_description().encode(),
+        source, _compiler_version(cc).encode(), ' '.join(flags()).encode(), _cpu_description().encode(),
         platform.machine().encode()])).hexdigest()[:16]
     folder = cache_dir()
     return (folder / 'kernels' if folder is not None else Path(tempfile.gettempdir())) / f'{name}-{key}.so'
@@ -80,7 +87,7 @@ def library_path(name: str, cc: str) -> Path:
 def _build(name: str, cc: str, path: Path) -> None:
     """Compile ``kernels/<name>.c`` into ``path`` (atomically: a failed build leaves nothing there)."""
     def write(tmp: str) -> None:
-        cmd: List[str] = [cc, *FLAGS, str(SOURCES / f'{name}.c'), '-o', tmp]
+        cmd: List[str] = [cc, *flags(), str(SOURCES / f'{name}.c'), '-o', tmp]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if out.returncode != 0:
             raise RuntimeError(f'`{" ".join(cmd)}` failed ({out.returncode}): {out.stderr.strip()[-800:]}')

@@ -268,6 +268,8 @@ def test_the_built_library_is_cached_under_a_name_that_holds_what_decides_the_co
     assert path.parent == tmp_path / 'kernels' and path.name.startswith('batchnorm_act-')
     assert native._build_and_load('batchnorm_act') is not None and path.is_file()
     assert native.library_path('batchnorm_act', cc) == path
+    monkeypatch.setenv(native.ENV_MARCH, 'x86-64-v3')  # another ISA: another library
+    assert native.flags()[1] == '-march=x86-64-v3' and native.library_path('batchnorm_act', cc) != path
 
 
 def test_the_relu_after_a_fused_batchnorm_passes_its_output_through_and_rectifies_anything_else():

@@ -3,8 +3,8 @@
  * channels contiguous. See epsanet/optimize/fused_bn_act.py.
  *
  * Forward:  mean, biased var over the M rows; y = act(x * scale + shift [+ r]), scale = w / sqrt(var + eps),
- *           shift = b - mean * scale (in float, as the backward pass computes them). One pass for the statistics (shifted by the first row, float partial sums
- *           over 64 rows, double totals), one pass for y.
+ *           shift = b - mean * scale (in float, as the backward pass computes them). One pass for the statistics
+ *           (shifted by the first row, float partial sums over 64 rows, double totals), one pass for y.
  * Backward: with m = [x * scale + shift > 0] (or [y > 0] when a residual was added; 1 without act), gm = g * m:
  *           db = sum(gm), dw = sum(gm * xhat), dx = w * invstd * (gm - db / M - xhat * dw / M), dr = gm;
  *           one pass for the two sums, one for dx (and dr). Without a residual, x is read again instead of
@@ -20,15 +20,36 @@
 
 #define FLUSH_ROWS 64
 
-/* partial[t * 2C + c] and partial[t * 2C + C + c]: thread t's sums of a(row)[c] and b(row)[c]. */
-typedef struct { double *sums; int threads; } partials_t;
+/* Per-thread sums of two per-channel quantities: thread t accumulates rows in float (block + t * 2C) and flushes
+ * them every FLUSH_ROWS rows into double (sums + t * 2C); the first C of each are the first quantity. */
+typedef struct { double *sums; float *block; int threads; } partials_t;
 
 static int partials_alloc(partials_t *p, int64_t C, int threads) {
     p->threads = threads;
     p->sums = (double *)calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
-    return p->sums != NULL;
+    p->block = (float *)calloc((size_t)threads * 2 * (size_t)C, sizeof(float));
+    return p->sums != NULL && p->block != NULL;
 }
 
+static void partials_free(partials_t *p) { free(p->sums); free(p->block); }
+
+/* The rows [*m0, *m1) of the calling thread of the current parallel region. */
+static inline void thread_rows(int64_t M, int64_t *m0, int64_t *m1) {
+    int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    *m0 = M * t / nt;
+    *m1 = M * (t + 1) / nt;
+}
+
+/* After row m of [m0, m1): move the calling thread's float partials into its double ones when due. */
+static inline void partials_flush(partials_t *p, int64_t C, int64_t m, int64_t m0, int64_t m1) {
+    if ((m - m0 + 1) % FLUSH_ROWS != 0 && m != m1 - 1) return;
+    size_t t = (size_t)omp_get_thread_num();
+    float *f = p->block + t * 2 * C;
+    double *d = p->sums + t * 2 * C;
+    for (int64_t i = 0; i < 2 * C; ++i) { d[i] += f[i]; f[i] = 0.f; }
+}
+
+/* a[c] and b[c]: the totals of the two quantities, threads added in order (the same result every time). */
 static void partials_total(const partials_t *p, int64_t C, double *a, double *b) {
     for (int64_t c = 0; c < C; ++c) { a[c] = 0.0; b[c] = 0.0; }
     for (int t = 0; t < p->threads; ++t) {
@@ -43,40 +64,26 @@ int batchnorm_act_forward(const float *x, const float *r, float *y, int64_t M, i
                           const float *b, double eps, int act, float *mean_out, float *invstd_out, double *var_out,
                           int threads) {
     if (threads < 1) threads = 1;
-    partials_t part;
+    partials_t part = {NULL, NULL, 0};
     double *sum = (double *)malloc(2 * (size_t)C * sizeof(double));
     float *coef = (float *)malloc(3 * (size_t)C * sizeof(float));
-    if (!sum || !coef || !partials_alloc(&part, C, threads)) { free(sum); free(coef); return 1; }
+    if (!sum || !coef || !partials_alloc(&part, C, threads)) { free(sum); free(coef); partials_free(&part); return 1; }
     double *sumsq = sum + C;
     float *first = coef, *scale = coef + C, *shift = coef + 2 * C;
     memcpy(first, x, (size_t)C * sizeof(float));
-    int failed = 0;
 
     #pragma omp parallel num_threads(threads)
     {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int64_t m0 = M * t / nt, m1 = M * (t + 1) / nt;
-        double *ls = part.sums + (size_t)t * 2 * C, *lq = ls + C;
-        float *fs = (float *)calloc(2 * (size_t)C, sizeof(float));
-        if (!fs) {
-            #pragma omp atomic write
-            failed = 1;
-        } else {
-            float *fq = fs + C;
-            int64_t count = 0;
-            for (int64_t m = m0; m < m1; ++m) {
-                const float *row = x + m * C;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) { float v = row[c] - first[c]; fs[c] += v; fq[c] += v * v; }
-                if (++count == FLUSH_ROWS || m == m1 - 1) {
-                    for (int64_t c = 0; c < C; ++c) { ls[c] += fs[c]; lq[c] += fq[c]; fs[c] = 0.f; fq[c] = 0.f; }
-                    count = 0;
-                }
-            }
-            free(fs);
+        int64_t m0, m1;
+        thread_rows(M, &m0, &m1);
+        float *fs = part.block + (size_t)omp_get_thread_num() * 2 * C, *fq = fs + C;
+        for (int64_t m = m0; m < m1; ++m) {
+            const float *row = x + m * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) { float v = row[c] - first[c]; fs[c] += v; fq[c] += v * v; }
+            partials_flush(&part, C, m, m0, m1);
         }
     }
-    if (failed) { free(sum); free(coef); free(part.sums); return 1; }
     partials_total(&part, C, sum, sumsq);
     for (int64_t c = 0; c < C; ++c) {
         double shifted_mean = sum[c] / (double)M;
@@ -115,66 +122,52 @@ int batchnorm_act_forward(const float *x, const float *r, float *y, int64_t M, i
             for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * scale[c] + shift[c];
         }
     }
-    free(sum); free(coef); free(part.sums);
+    free(sum); free(coef); partials_free(&part);
     return 0;
 }
 
-/* y: the forward output when a residual was added (its ReLU mask is read from it), else NULL. dx and dr (the
- * residual's gradient, only with a residual) may be NULL when not wanted. Returns 0 on success, 1 when memory
- * could not be allocated. */
+/* y: the forward output when a residual was added before the ReLU (the mask is read from it), else NULL. dr, the
+ * residual's gradient, is written only with y (without a ReLU it is g itself). dx and dr may be NULL when not
+ * wanted. Returns 0 on success, 1 when memory could not be allocated. */
 int batchnorm_act_backward(const float *g, const float *x, const float *y, float *dx, float *dr, int64_t M, int64_t C,
                            const float *w, const float *b, const float *mean, const float *invstd, int act, float *dw,
                            float *db, int threads) {
     if (threads < 1) threads = 1;
-    partials_t part;
+    partials_t part = {NULL, NULL, 0};
     double *sum = (double *)malloc(2 * (size_t)C * sizeof(double));
     float *coef = (float *)malloc(5 * (size_t)C * sizeof(float));
-    if (!sum || !coef || !partials_alloc(&part, C, threads)) { free(sum); free(coef); return 1; }
+    if (!sum || !coef || !partials_alloc(&part, C, threads)) { free(sum); free(coef); partials_free(&part); return 1; }
     double *sum_gx = sum + C;  /* sum(gm) and sum(gm * (x - mean)) */
     float *scale = coef, *shift = coef + C, *a = coef + 2 * C, *k1 = coef + 3 * C, *k0 = coef + 4 * C;
     for (int64_t c = 0; c < C; ++c) { scale[c] = w[c] * invstd[c]; shift[c] = b[c] - mean[c] * scale[c]; }
-    int failed = 0;
 
     #pragma omp parallel num_threads(threads)
     {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int64_t m0 = M * t / nt, m1 = M * (t + 1) / nt;
-        double *ls = part.sums + (size_t)t * 2 * C, *lx = ls + C;
-        float *fs = (float *)calloc(2 * (size_t)C, sizeof(float));
-        if (!fs) {
-            #pragma omp atomic write
-            failed = 1;
-        } else {
-            float *fx = fs + C;
-            int64_t count = 0;
-            for (int64_t m = m0; m < m1; ++m) {
-                const float *gr = g + m * C, *xr = x + m * C;
-                if (act && y) {
-                    const float *yr = y + m * C;
-                    #pragma omp simd
-                    for (int64_t c = 0; c < C; ++c) {
-                        float gm = yr[c] > 0.f ? gr[c] : 0.f;
-                        fs[c] += gm; fx[c] += gm * (xr[c] - mean[c]);
-                    }
-                } else if (act) {
-                    #pragma omp simd
-                    for (int64_t c = 0; c < C; ++c) {
-                        float gm = xr[c] * scale[c] + shift[c] > 0.f ? gr[c] : 0.f;
-                        fs[c] += gm; fx[c] += gm * (xr[c] - mean[c]);
-                    }
-                } else {
-                    #pragma omp simd
-                    for (int64_t c = 0; c < C; ++c) { fs[c] += gr[c]; fx[c] += gr[c] * (xr[c] - mean[c]); }
+        int64_t m0, m1;
+        thread_rows(M, &m0, &m1);
+        float *fs = part.block + (size_t)omp_get_thread_num() * 2 * C, *fx = fs + C;
+        for (int64_t m = m0; m < m1; ++m) {
+            const float *gr = g + m * C, *xr = x + m * C;
+            if (act && y) {
+                const float *yr = y + m * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    float gm = yr[c] > 0.f ? gr[c] : 0.f;
+                    fs[c] += gm; fx[c] += gm * (xr[c] - mean[c]);
                 }
-                if (++count == FLUSH_ROWS || m == m1 - 1) {
-                    for (int64_t c = 0; c < C; ++c) { ls[c] += fs[c]; lx[c] += fx[c]; fs[c] = 0.f; fx[c] = 0.f; }
-                    count = 0;
+            } else if (act) {
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    float gm = xr[c] * scale[c] + shift[c] > 0.f ? gr[c] : 0.f;
+                    fs[c] += gm; fx[c] += gm * (xr[c] - mean[c]);
                 }
+            } else {
+                #pragma omp simd
+                for (int64_t c = 0; c < C; ++c) { fs[c] += gr[c]; fx[c] += gr[c] * (xr[c] - mean[c]); }
             }
-            free(fs);
+            partials_flush(&part, C, m, m0, m1);
         }
     }
-    if (failed) { free(sum); free(coef); free(part.sums); return 1; }
     partials_total(&part, C, sum, sum_gx);
     for (int64_t c = 0; c < C; ++c) {
         double is = invstd[c];
@@ -187,6 +180,7 @@ int batchnorm_act_backward(const float *g, const float *x, const float *y, float
         k1[c] = (float)coef_x;
         k0[c] = (float)(-wi * sum[c] / (double)M - coef_x * (double)mean[c]);
     }
+    if (!(act && y)) dr = NULL;
     if (dx || dr) {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t m = 0; m < M; ++m) {
@@ -211,9 +205,7 @@ int batchnorm_act_backward(const float *g, const float *x, const float *y, float
                     #pragma omp simd
                     for (int64_t c = 0; c < C; ++c) drr[c] = yr[c] > 0.f ? gr[c] : 0.f;
                 }
-            } else {
-                if (drr) memcpy(drr, gr, (size_t)C * sizeof(float));  /* no ReLU after the sum: dr = g */
-                if (!dxr) continue;
+            } else if (dxr) {
                 if (act) {
                     #pragma omp simd
                     for (int64_t c = 0; c < C; ++c) {
@@ -227,6 +219,6 @@ int batchnorm_act_backward(const float *g, const float *x, const float *y, float
             }
         }
     }
-    free(sum); free(coef); free(part.sums);
+    free(sum); free(coef); partials_free(&part);
     return 0;
 }

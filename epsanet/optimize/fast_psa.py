@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..layers.psa import PyramidSqueezeAttention
+from .conv_forms import is_channels_last
 
 __all__ = ['FastPSA']
 
@@ -64,8 +65,7 @@ class FastPSA(PyramidSqueezeAttention):
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
-    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def _empty_concat(feats: Sequence[torch.Tensor]) -> torch.Tensor:

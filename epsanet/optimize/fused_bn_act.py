@@ -26,7 +26,7 @@ no C compiler) it runs PyTorch's ``batch_norm`` and ``relu``. Running statistics
 :func:`unfuse_batchnorm_act` puts plain ``BatchNorm2d`` + ``ReLU`` modules back.
 """
 import ctypes
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,16 @@ class _BatchNormActFunction(torch.autograd.Function):
                 grad_b if ctx.needs_input_grad[3] else None, None, None, None, None, None)
 
 
+def _batchnorm_sharing(cls: Type[nn.BatchNorm2d], bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A ``cls`` with ``bn``'s settings and train/eval mode, holding ``bn``'s own parameters and buffers."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device='meta')
+    new.weight, new.bias = bn.weight, bn.bias
+    for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+        new.register_buffer(name, getattr(bn, name))
+    new.train(bn.training)
+    return new
+
+
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """See the module docstring. Build it with :meth:`from_batchnorm`."""
 
@@ -129,13 +139,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     def from_batchnorm(cls, bn: nn.BatchNorm2d, relu: bool) -> 'FusedBatchNorm2d':
         """A ``FusedBatchNorm2d`` holding ``bn``'s own parameters and buffers (no copies), in ``bn``'s mode,
         that also applies a ReLU when ``relu``."""
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device='meta')
-        for name in ('weight', 'bias'):
-            setattr(new, name, getattr(bn, name))
-        for name in ('running_mean', 'running_var', 'num_batches_tracked'):
-            new.register_buffer(name, getattr(bn, name))
+        new = _batchnorm_sharing(cls, bn)
         new.relu = relu
-        new.train(bn.training)
         return new
 
     def extra_repr(self) -> str:
@@ -190,33 +195,19 @@ class FusedReLU(nn.ReLU):
 
 class FusedResidualPSABottleneck(PSABottleneck):
     """A ``PSABottleneck`` whose last BatchNorm also adds the shortcut and applies ``act3``'s ReLU:
-    ``act3(bn3(conv3(x), shortcut))`` with ``bn3`` a ``FusedBatchNorm2d(relu=True)`` and ``act3`` a
-    :class:`FusedReLU`. The same modules (all called as modules) and state-dict keys; the shortcut's
-    downsampling now runs before ``bn3``. Any other ``bn3`` (e.g. frozen afterwards) gets ``bn3(x) + shortcut``."""
+    ``act3(bn3(x, shortcut))`` with ``bn3`` a ``FusedBatchNorm2d(relu=True)`` and ``act3`` a :class:`FusedReLU`.
+    The same modules (called as modules) and state-dict keys. Any other ``bn3`` (e.g. frozen afterwards) gets
+    the plain block's ``act3(bn3(x) + shortcut)``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.conv2(x)
-        x = self.aa(self.act2(self.drop_block(self.bn2(x))))
-        x = self.conv3(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
+    def _norm_add_act(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         if isinstance(self.bn3, FusedBatchNorm2d) and self.drop_path is None:
             return self.act3(self.bn3(x, shortcut))
-        x = self.bn3(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return self.act3(x + shortcut)
+        return super()._norm_add_act(x, shortcut)
 
 
 # (BatchNorm, the ReLU right after it) attribute names in a PSABottleneck and in the stem of a timm ResNet
 _BLOCK_PAIRS: Tuple[Tuple[str, str], ...] = (('bn1', 'act1'), ('bn2', 'act2'))
 _STEM_PAIRS: Tuple[Tuple[str, str], ...] = (('bn1', 'act1'),)
-
-
-def _is_plain_relu(module: nn.Module) -> bool:
-    return type(module) is nn.ReLU
 
 
 def fuse_batchnorm_act(model: nn.Module) -> int:
@@ -240,7 +231,7 @@ def fuse_batchnorm_act(model: nn.Module) -> int:
             pairs = ()
         for bn_name, act_name in pairs:
             bn, act = getattr(parent, bn_name, None), getattr(parent, act_name, None)
-            if type(bn) is nn.BatchNorm2d and _is_plain_relu(act):
+            if type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU:
                 setattr(parent, bn_name, FusedBatchNorm2d.from_batchnorm(bn, relu=True))
                 setattr(parent, act_name, FusedReLU(inplace=act.inplace))
                 count += 1
@@ -264,11 +255,5 @@ def unfuse_batchnorm_act(model: nn.Module) -> nn.Module:
             if isinstance(child, FusedReLU):
                 setattr(parent, name, nn.ReLU(inplace=child.inplace))
             elif isinstance(child, FusedBatchNorm2d):
-                bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats, device='meta')
-                bn.weight, bn.bias = child.weight, child.bias
-                for buf in ('running_mean', 'running_var', 'num_batches_tracked'):
-                    bn.register_buffer(buf, getattr(child, buf))
-                bn.train(child.training)
-                setattr(parent, name, bn)
+                setattr(parent, name, _batchnorm_sharing(nn.BatchNorm2d, child))
     return model

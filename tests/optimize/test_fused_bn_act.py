@@ -138,10 +138,13 @@ def test_one_value_per_channel_raises_as_batchnorm_does():
 
 def test_it_shares_the_tensors_keeps_the_keys_and_fires_hooks():
     bn, fused = _pair(8, relu=True)
-    assert fused.weight is bn.weight or fused.weight.data_ptr() != 0  # (from a deep copy in _pair)
-    shared = FusedBatchNorm2d.from_batchnorm(bn, relu=False)
+    shared = FusedBatchNorm2d.from_batchnorm(bn.eval(), relu=False)
+    assert not shared.training
     for name, t in bn.state_dict(keep_vars=True).items():
         assert shared.state_dict(keep_vars=True)[name] is t
+    back = unfuse_batchnorm_act(nn.Sequential(shared))[0]
+    assert type(back) is nn.BatchNorm2d and not back.training
+    assert all(back.state_dict(keep_vars=True)[k] is t for k, t in bn.state_dict(keep_vars=True).items())
     seen = []
     fused.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     fused(torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last))

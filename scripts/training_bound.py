@@ -36,6 +36,7 @@ from torch import nn
 
 from epsanet.benchmark import REFERENCE, Setting, _make_step, _time_steps, build_candidates, optimized_for
 from epsanet.layers import PyramidSqueezeAttention
+from epsanet.models.flops import count_conv_macs
 
 WITHOUT_3X3 = 'without 3x3 convs'
 
@@ -53,24 +54,6 @@ def drop_3x3_convs(model: nn.Module) -> nn.Module:
     return model
 
 
-def conv_macs(model: nn.Module, select: Callable[[str, nn.Module], bool], img_size: int) -> int:
-    """Multiply-adds of the convs ``select(name, module)`` picks, for one image (shapes only, on ``meta``)."""
-    total = 0
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(module: nn.Module, _inputs, out: torch.Tensor) -> None:
-        nonlocal total
-        if select(names[module], module):
-            total += out.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, img_size, img_size, device='meta'))
-    for h in hooks:
-        h.remove()
-    return total
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='epsanet50', help='our model (default: epsanet50)')
@@ -82,9 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     with torch.device('meta'):
         ours_meta, base_meta = timm.create_model(args.model), timm.create_model(args.baseline)
-    psa_macs = conv_macs(ours_meta, lambda n, m: any(isinstance(p, PyramidSqueezeAttention) and m in p.convs
-                                                     for p in ours_meta.modules()), args.img_size)
-    dense_macs = conv_macs(base_meta, lambda n, m: n.endswith('.conv2') and m.kernel_size == (3, 3), args.img_size)
+    psa_convs = {c for m in ours_meta.modules() if isinstance(m, PyramidSqueezeAttention) for c in m.convs}
+    dense_convs = {b.conv2 for b in base_meta.modules() if isinstance(b, Bottleneck)}
+    psa_macs = count_conv_macs(ours_meta, lambda m: m in psa_convs, args.img_size)
+    dense_macs = count_conv_macs(base_meta, lambda m: m in dense_convs, args.img_size)
     flop_ratio = psa_macs / dense_macs
 
     candidates = build_candidates(args.model, baselines=(args.baseline,))

@@ -1,7 +1,11 @@
+import pytest
 import timm
+import torch
+from timm.models.resnet import Bottleneck
 from torch import nn
 
-from epsanet.models.flops import count_gflops
+from epsanet.layers import PyramidSqueezeAttention
+from epsanet.models.flops import count_conv_macs, count_gflops
 
 
 def test_count_gflops_epsanet50_meta():
@@ -25,3 +29,15 @@ def test_epsanet50_has_the_papers_gflops():
     model = timm.create_model('epsanet50', device='meta')  # shapes only: fast
     assert round(count_gflops(model), 2) == 3.62  # spec section 3 / the paper's table
     assert model.training  # mode restored
+
+
+def test_count_conv_macs_psa_branches_are_0_734_of_resnet50s_3x3_convs():
+    # per pixel of a block with p planes: PSA (p/4) * p * (9 + 25/4 + 49/8 + 81/16) against 9 p^2 for a dense 3x3 conv
+    with torch.device('meta'):
+        ours, base = timm.create_model('epsanet50'), timm.create_model('resnet50')
+    psa_convs = {c for m in ours.modules() if isinstance(m, PyramidSqueezeAttention) for c in m.convs}
+    dense_convs = {b.conv2 for b in base.modules() if isinstance(b, Bottleneck)}
+    psa = count_conv_macs(ours, lambda m: m in psa_convs)
+    dense = count_conv_macs(base, lambda m: m in dense_convs)
+    assert dense == 16 * 64 ** 2 * 9 * 56 ** 2
+    assert psa / dense == pytest.approx((9 + 25 / 4 + 49 / 8 + 81 / 16) / 36)

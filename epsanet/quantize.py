@@ -31,12 +31,11 @@ from typing import Any, Dict, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from .app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, dataset_from_config, eval_loader
+from .app.errors import ConfigError
+from .app.flags import arg
+from .app.model import InferenceModelOptions, check_classes, load_for_inference
 from .files import atomic_write
-from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
-from .train.errors import ConfigError
-from .train.flags import arg
-from .train.loaders import eval_loader
-from .train.validate import check_classes, dataset_from_config, load_for_inference
 
 __all__ = ['QuantizeConfig', 'quantize', 'quantize_onnx_file', 'CALIBRATION_METHODS']
 

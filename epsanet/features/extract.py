@@ -25,13 +25,13 @@ import torch.distributed as torch_dist
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from ..app.data import dataset_from_config
+from ..app.device import DistInfo, autocast_for, init_distributed
+from ..app.errors import ConfigError
+from ..app.model import load_for_inference
 from ..data import DataError, ImageFiles, IndexedSamples, find_images
 from ..data.folder import unreadable_error, verify_files
 from ..progress import progress
-from ..train.distributed import DistInfo, init_distributed
-from ..train.errors import ConfigError
-from ..train.loaders import autocast_for
-from ..train.validate import dataset_from_config, load_for_inference
 from .config import ExtractConfig, parse_size
 from .output import Layout, differences, fingerprint, read_json, write_json
 from .writers import NpyWriter, ShardWriter, TensorSpec

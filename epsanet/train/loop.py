@@ -24,28 +24,28 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
+from ..app.data import data_config_for, dataset_from_config, eval_loader, verify_images
+from ..app.device import DistInfo, all_reduce_max, all_reduce_sum, autocast_for, init_distributed
+from ..app.errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..app.model import build_model
 from ..data import DataError, check_same_classes
 from ..optimize import optimize_for_training
 from ..progress import progress
+from ..weights.metadata import read_weights_metadata
 from .checkpoint import (
     STATE_SUFFIX,
     WEIGHTS_SUFFIX,
     atomic_write,
     latest_state,
     load_state,
-    read_weights_metadata,
     remove_stale_temporaries,
     resolve_resume,
     save_state,
     save_weights,
 )
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, init_distributed
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .factory import build_model
 from .freeze import export_state_dict, freeze_modules
 from .interrupt import GracefulStop, Interrupted, pause_point, signal_name
-from .loaders import autocast_for, data_config_for, eval_loader
 from .metrics import MetricsLog
 from .precise_bn import recalibrate_bn
 from .recipe import apply_recipe, model_img_size, summarize
@@ -58,7 +58,7 @@ from .resume import (
     resumable_loader,
     scheduler_state,
 )
-from .validate import dataset_from_config, evaluate, verify_images
+from .validate import evaluate
 
 __all__ = ['Callback', 'TrainResult', 'train']
 
@@ -663,7 +663,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), model: Optional[
 
     Runs as one process, or with DDP when launched by ``torchrun`` (rank 0 logs and writes). Pass
     ``model`` to train a model you built yourself instead of ``timm.create_model(cfg.model)``.
-    Raises :class:`~epsanet.data.DataError`, :class:`~epsanet.train.errors.TrainError` subclasses for
+    Raises :class:`~epsanet.data.DataError`, :class:`~epsanet.app.errors.TrainError` subclasses for
     problems with the input. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 stop the run at the next step
     boundary (at once during set-up and validation), save the exact position to ``last.state.pth``
     and raise :class:`~epsanet.train.interrupt.Interrupted` (a ``KeyboardInterrupt``); see

@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from epsanet.app.errors import ConfigError
 from epsanet.data import DataError, load_image
 from epsanet.features import ExtractConfig, extract, load, parse_size
 from epsanet.features.writers import SafetensorsStream, TensorSpec, compact_npy, preallocate_npy
 from epsanet.train.checkpoint import save_weights
-from epsanet.train.errors import ConfigError
 
 ROW_BYTES = 2048 * 4  # a pooled epsanet50 feature row
 

@@ -1,12 +1,16 @@
-"""Distributed setup from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+"""Where a command runs: the device (checked to exist, see :func:`resolve_device`), the distributed set-up
+from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and mixed precision (:func:`autocast_for`)."""
+import contextlib
 import dataclasses
+import functools
 import logging
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so, is_distributed_env
 
-__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_reduce_max']
+__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_reduce_max', 'autocast_for']
 
 _logger = logging.getLogger(__name__)
 
@@ -53,3 +57,11 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
     return _reduce(value, dist.ReduceOp.MAX)
+
+
+def autocast_for(device: torch.device, enabled: bool, dtype: str = '') -> Callable[[], Any]:
+    """A context factory: ``torch.autocast`` (float16 on CUDA, bfloat16 elsewhere by default) or a no-op."""
+    if not enabled:
+        return contextlib.nullcontext
+    name = dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
+    return functools.partial(torch.autocast, device_type=device.type, dtype=getattr(torch, name))

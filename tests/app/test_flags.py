@@ -2,8 +2,9 @@ import argparse
 
 import pytest
 
-from epsanet.train import ConfigError, TrainConfig, parse_config
-from epsanet.train.flags import add_config_arguments, config_from_args
+from epsanet.app.errors import ConfigError
+from epsanet.app.flags import add_config_arguments, config_from_args, parse_config
+from epsanet.train import TrainConfig
 
 
 def test_flags_follow_timm_names():
@@ -55,10 +56,10 @@ def test_inference_commands_share_one_set_of_model_options():
     and those flags reach the config."""
     import dataclasses
 
+    from epsanet.app.model import InferenceModelOptions
     from epsanet.explain import ExplainConfig
     from epsanet.features import ExtractConfig
     from epsanet.predict import PredictConfig
-    from epsanet.train.config import InferenceModelOptions
     from epsanet.train.validate import ValidateConfig
 
     shared = [f.name for f in dataclasses.fields(InferenceModelOptions)]

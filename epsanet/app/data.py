@@ -9,7 +9,7 @@ import torch
 from timm.data import create_loader, resolve_data_config
 
 from ..data import DataError, create_image_dataset, find_images
-from ..data.folder import is_image_file, unreadable_error
+from ..data.folder import MissingSplitError, is_image_file, unreadable_error
 from .errors import ConfigError
 
 __all__ = ['CLASS_MAP_HELP', 'DATASET_HELP', 'DOWNLOAD_HELP', 'data_config_for', 'dataset_from_config', 'eval_loader',
@@ -24,12 +24,17 @@ DOWNLOAD_HELP = 'let torch/ data sets download into --data-dir'
 _GLOB_CHARS = set('*?[')
 
 
-def dataset_from_config(cfg, split: str, is_training: bool = False, mark_unreadable: bool = True, **kwargs: Any):
-    """The data set named by a config's ``dataset``/``data_dir``/``class_map``/``dataset_download``/``strict``."""
-    return create_image_dataset(
-        getattr(cfg, 'dataset', ''), cfg.data_dir, split, class_map=getattr(cfg, 'class_map', '') or None,
-        download=getattr(cfg, 'dataset_download', False), is_training=is_training, strict=cfg.strict,
-        mark_unreadable=mark_unreadable, **kwargs)
+def dataset_from_config(cfg, split: str, is_training: bool = False, mark_unreadable: bool = True,
+                        split_flag: str = '--split', **kwargs: Any):
+    """The data set named by a config's ``dataset``/``data_dir``/``class_map``/``dataset_download``/``strict``;
+    ``split_flag`` is the flag that chose ``split``, named when the folder has no such split."""
+    try:
+        return create_image_dataset(
+            getattr(cfg, 'dataset', ''), cfg.data_dir, split, class_map=getattr(cfg, 'class_map', '') or None,
+            download=getattr(cfg, 'dataset_download', False), is_training=is_training, strict=cfg.strict,
+            mark_unreadable=mark_unreadable, **kwargs)
+    except MissingSplitError as e:
+        raise DataError(f'{e} Choose the split with {split_flag}.') from e
 
 
 def verify_images(dataset, progress: bool = True) -> None:

@@ -18,14 +18,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..data import DataError, dataset_classes
-from ..weights.loading import NoPretrainedWeightsError, WeightsError, download_url, weights_overlay
+from ..weights.loading import NoPretrainedWeightsError, WeightsError, download_url, read_state_dict, weights_overlay
 from ..weights.metadata import read_weights_metadata
 from .data import data_config_for
 from .errors import CheckpointError, ConfigError
-from .flags import arg
+from .flags import Options, arg
 
-__all__ = ['InferenceModelOptions', 'build_model', 'check_classes', 'is_timm_source', 'load_for_inference',
-           'weights_num_classes']
+__all__ = ['InferenceModelOptions', 'build_model', 'check_classes', 'check_img_size', 'is_timm_source',
+           'load_for_inference', 'min_img_size', 'weights_num_classes']
 
 _logger = logging.getLogger(__name__)
 
@@ -39,16 +39,11 @@ def weights_num_classes(path: Union[str, os.PathLike], classifier: str = 'fc') -
                 return f.get_slice(key).get_shape()[0] if key in f.keys() else None
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f'cannot read {path} as safetensors ({e}).') from e
-    from timm.models import load_state_dict
     try:
-        state_dict = load_state_dict(str(path), use_ema=False)
-    except Exception as e:
-        raise CheckpointError(f'cannot read weights {path} ({type(e).__name__}: {e}). Torch files are read with '
-                              'weights_only=True; convert other formats to safetensors.') from e
-    for k, v in state_dict.items():
-        if k.removeprefix('module.') == key:
-            return v.shape[0]
-    return None
+        state_dict = read_state_dict(path)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from e
+    return state_dict[key].shape[0] if key in state_dict else None
 
 
 def build_model(
@@ -57,6 +52,7 @@ def build_model(
         pretrained: bool = False,
         checkpoint: Optional[Union[str, os.PathLike]] = None,
         adapt_classifier: bool = True,
+        weights_flag: str = '--initial-checkpoint',
         **kwargs: Any,
 ) -> torch.nn.Module:
     """``timm.create_model(name, ...)`` with clear errors.
@@ -69,6 +65,7 @@ def build_model(
             :func:`epsanet.weights.loading.weights_overlay` takes (URL, ``hf-hub:org/name``, folder).
         adapt_classifier: when the file's classifier has another size than ``num_classes``, start a new
             classifier (fine-tuning); when ``False`` that is an error (validation).
+        weights_flag: the flag that gives a weights file, named in errors (``--checkpoint`` for inference).
         kwargs: passed to ``timm.create_model`` (``drop_rate``, ``features_only``, ...).
     """
     import epsanet  # noqa: F401  (registers the models)
@@ -87,8 +84,8 @@ def build_model(
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except NoPretrainedWeightsError as e:
         raise CheckpointError(f'no pretrained weights are registered for {name} (the authors released none). '
-                              'Start from a weights file with --initial-checkpoint FILE, or drop --pretrained '
-                              'to train from random initialisation.') from e
+                              f'Give a weights file with {weights_flag} FILE, or drop --pretrained for a randomly '
+                              'initialised model.') from e
 
 
 def _from_file(name: str, path: Path, num_classes: Optional[int], adapt: bool, kwargs: Dict[str, Any]):
@@ -138,6 +135,31 @@ def _from_source(name: str, source: str, num_classes: Optional[int], kwargs: Dic
         raise CheckpointError(f'the weights in {source} do not fit {name}: {e}') from e
 
 
+def min_img_size(model: Union[str, torch.nn.Module]) -> int:
+    """The smallest input size a model allows: its output stride (32 for EPSANet), from timm's ``feature_info``.
+    A model name is built on the meta device (no memory, no weights)."""
+    if isinstance(model, str):
+        import epsanet  # noqa: F401  (registers the models)
+
+        with torch.device('meta'):
+            model = timm.create_model(model)
+    info = getattr(model, 'feature_info', None)
+    try:
+        return int(info[-1]['reduction'])
+    except (TypeError, IndexError, KeyError):
+        return 32
+
+
+def check_img_size(model: Union[str, torch.nn.Module], img_size: Optional[int], name: str = '') -> None:
+    """``--img-size`` must be at least the model's output stride (:func:`min_img_size`)."""
+    if img_size is None:
+        return
+    low = min_img_size(model)
+    if img_size < low:
+        name = name or (model if isinstance(model, str) else model.pretrained_cfg.get('architecture', 'the model'))
+        raise ConfigError(f'--img-size must be >= {low} for {name} (its output stride); got {img_size}.')
+
+
 def _weights_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     try:
         return read_weights_metadata(path)
@@ -149,7 +171,7 @@ M = 'model and weights'
 
 
 @dataclasses.dataclass
-class InferenceModelOptions:
+class InferenceModelOptions(Options):
     """The model, weights and eval-transform options that every inference command shares (validate, predict,
     extract, explain, quantize): what :func:`load_for_inference` reads. Each command's config inherits them."""
     model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', M)
@@ -229,7 +251,9 @@ def load_for_inference(cfg, **model_kwargs) -> Tuple[torch.nn.Module, Dict[str, 
         meta = _checkpoint_defaults(cfg)
         name = cfg.model or meta.get('model') or 'epsanet50'
         model = build_model(name, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
-                            checkpoint=cfg.checkpoint or None, adapt_classifier=False, **model_kwargs)
+                            checkpoint=cfg.checkpoint or None, adapt_classifier=False, weights_flag='--checkpoint',
+                            **model_kwargs)
+    check_img_size(model, cfg.img_size)
     data_config = data_config_for(
         model, img_size=cfg.img_size or meta.get('img_size'), crop_pct=cfg.crop_pct or meta.get('crop_pct'),
         interpolation=cfg.interpolation or meta.get('interpolation', ''), mean=cfg.mean or meta.get('mean'),

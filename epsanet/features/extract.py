@@ -165,9 +165,6 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     bad = [s for s in stages if not 0 <= s < NUM_STAGES]
     if bad:
         raise ConfigError(f'--stages {" ".join(map(str, bad))}: stages are 0 (stem) to {NUM_STAGES - 1}.')
-    if cfg.batch_size < 1 or cfg.workers < 0:
-        raise ConfigError(f'--batch-size {cfg.batch_size} --workers {cfg.workers}: the batch size must be at least 1 '
-                          'and the number of workers at least 0.')
     keys = [f'stage{s}' for s in stages] or ['features']
     layout = Layout(cfg.output, keys)
     parse_size(cfg.shard_size)

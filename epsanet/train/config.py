@@ -3,7 +3,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
-from ..app.flags import arg
+from ..app.flags import Options, arg
 
 __all__ = ['TrainConfig']
 
@@ -11,7 +11,7 @@ D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisati
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted.
 
     The fields of :data:`epsanet.train.recipe.AUTO_FIELDS` default to ``None``: training picks them from

@@ -349,7 +349,7 @@ def test_no_readable_image_is_a_clear_error(weights, tmp_path):
     (folder / 'x.png').write_bytes(b'not a png')
     with pytest.raises(DataError, match='none of the 1 images'):
         extract(_cfg(folder, weights, tmp_path / 'out'))
-    with pytest.raises(ConfigError, match='batch size must be at least 1'):
+    with pytest.raises(ConfigError, match='--batch-size must be >= 1; got 0'):
         extract(_cfg(folder, weights, tmp_path / 'out', batch_size=0))
 
 

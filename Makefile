@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --timeout=900
 
 test-fast: $(STAMP)

@@ -25,15 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .app.data import expand_inputs
+from .app.errors import ConfigError
+from .app.flags import arg
+from .app.model import InferenceModelOptions, load_for_inference
 from .data import DataError, load_image
 from .data.image import UNREADABLE_ERRORS
 from .files import atomic_write
-from .predict import expand_inputs
 from .progress import progress
-from .train.config import InferenceModelOptions
-from .train.errors import ConfigError
-from .train.flags import arg
-from .train.validate import load_for_inference
 
 __all__ = ['ExplainConfig', 'Explanation', 'explain', 'explain_tensor', 'psa_modules', 'plot_explanation']
 

@@ -239,7 +239,7 @@ def _check(model, run, batch_size: int, input_size, device, atol: float, rtol: f
         raise ExportError(
             f'The {format} file differs from PyTorch by {diff:.3g} (max abs), more than atol + rtol * max|output| = '
             f'{atol:g} + {rtol:g} * {scale:.3g}; nothing was written. A difference far above float32 rounding means '
-            'the file computes something else; raise --atol/--rtol only if you accept that.')
+            'the file computes something else; allow a larger difference (atol, rtol) only if you accept that.')
     return diff
 
 

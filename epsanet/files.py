@@ -58,9 +58,15 @@ def atomic_write(path: PathLike, write: Callable[[str], None], suffix: str = '.t
 
 
 def _write_error(path: Path, e: OSError) -> FileWriteError:
-    reason = 'the disk is full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if e.errno == errno.ENOSPC:
+        reason, todo = 'the disk is full', 'Free space or choose another output path.'
+    elif blocking is not None:
+        reason, todo = f'{blocking} is a file, not a folder', 'Choose another output path.'
+    else:
+        reason, todo = e.strerror or str(e), 'Choose another output path.'
     previous = 'the previous version of it is intact' if path.is_file() else 'no previous version existed'
-    return FileWriteError(f'could not write {path}: {reason}; {previous}. Free space or choose another output path.')
+    return FileWriteError(f'could not write {path}: {reason}; {previous}. {todo}')
 
 
 def _remove(path: str) -> None:

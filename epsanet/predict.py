@@ -14,7 +14,6 @@ its path and listed in ``skipped`` (``strict=True`` makes it an error).
 """
 import csv
 import dataclasses
-import glob
 import io
 import json
 import logging
@@ -24,22 +23,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from .data import DataError, ImageFiles, IndexedSamples, find_images
-from .data.folder import is_image_file, skipped_index, unreadable_error, verify_files
+from .app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, dataset_from_config, eval_loader, expand_inputs
+from .app.device import autocast_for
+from .app.errors import ConfigError
+from .app.flags import arg
+from .app.model import InferenceModelOptions, load_for_inference
+from .data import DataError, ImageFiles, IndexedSamples
+from .data.folder import skipped_index, unreadable_error, verify_files
 from .files import atomic_write
 from .progress import progress
-from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
-from .train.errors import ConfigError
-from .train.flags import arg
-from .train.loaders import autocast_for, eval_loader
-from .train.validate import dataset_from_config, load_for_inference
 
-__all__ = ['PredictConfig', 'PredictResult', 'predict', 'expand_inputs', 'write_results']
+__all__ = ['PredictConfig', 'PredictResult', 'predict', 'write_results']
 
 _logger = logging.getLogger(__name__)
 
 P = 'prediction'
-_GLOB_CHARS = set('*?[')
 
 
 @dataclasses.dataclass
@@ -79,28 +77,6 @@ class PredictResult:
     @property
     def count(self) -> int:
         return len(self.rows)
-
-
-def expand_inputs(inputs: Sequence[str]) -> List[str]:
-    """Image paths from files, folders (recursive) and glob patterns, in the given order, without repeats."""
-    out: List[str] = []
-    for item in inputs:
-        item = str(item)
-        path = Path(item)
-        if path.is_dir():
-            found = [str(p) for p in find_images(path)]
-            if not found:
-                raise DataError(f'no images under {item} (looked for files ending with .jpg, .png, .webp, ...).')
-        elif path.is_file():
-            found = [item]
-        elif _GLOB_CHARS & set(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file() and is_image_file(p))
-            if not found:
-                raise DataError(f'the pattern {item} matches no image files.')
-        else:
-            raise DataError(f'{item} does not exist: give image files, folders or glob patterns.')
-        out.extend(found)
-    return list(dict.fromkeys(out))
 
 
 def _inputs(cfg: PredictConfig) -> Tuple[Dataset, List[str], str]:

@@ -31,12 +31,11 @@ from typing import Any, Dict, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from .app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, dataset_from_config, eval_loader
+from .app.errors import ConfigError
+from .app.flags import arg
+from .app.model import InferenceModelOptions, check_classes, load_for_inference
 from .files import atomic_write
-from .train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
-from .train.errors import ConfigError
-from .train.flags import arg
-from .train.loaders import eval_loader
-from .train.validate import check_classes, dataset_from_config, load_for_inference
 
 __all__ = ['QuantizeConfig', 'quantize', 'quantize_onnx_file', 'CALIBRATION_METHODS']
 
@@ -87,10 +86,6 @@ def _check(cfg: QuantizeConfig) -> None:
     if not cfg.data_dir and not cfg.dataset.lower().startswith('hfds/'):
         raise ConfigError('--data-dir is required: calibration needs images of the kind the model will see '
                           '(an ImageFolder root, a .tar or a --dataset root).')
-    if cfg.calibration_images < 1:
-        raise ConfigError(f'--calibration-images must be >= 1, got {cfg.calibration_images}.')
-    if cfg.batch_size < 1 or cfg.speed_batch_size < 1 or cfg.speed_reps < 0:
-        raise ConfigError('--batch-size and --speed-batch-size must be >= 1 and --speed-reps >= 0.')
 
 
 def _batches(loader, progress: bool, desc: str, limit: Optional[int] = None) -> Iterator[tuple]:
@@ -225,7 +220,7 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
     input_size = tuple(data_config['input_size'])
     eval_set = None
     if cfg.eval_split:  # checked before any work: scores against other labels would be silently wrong
-        eval_set = dataset_from_config(cfg, cfg.eval_split)
+        eval_set = dataset_from_config(cfg, cfg.eval_split, split_flag='--eval-split')
         check_classes(model, meta, eval_set, cfg.checkpoint)
     if cfg.onnx_forms == 'auto':
         model = optimize_for_onnxruntime(model, input_size=input_size, batch_size=cfg.speed_batch_size)

@@ -38,7 +38,7 @@ from timm.data import create_transform, resolve_data_config
 
 import epsanet
 from epsanet.data import ImageFolder, write_digits
-from epsanet.train import read_weights_metadata
+from epsanet.weights.metadata import read_weights_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / 'demo_out'

@@ -51,8 +51,9 @@ from PIL import Image
 from torchvision import transforms
 
 import epsanet
+from epsanet.app.flags import parse_config
 from epsanet.data import ImageFolder
-from epsanet.train import TrainConfig, parse_config, train
+from epsanet.train import TrainConfig, train
 
 BATCH_SIZE = 16
 LR = 1e-3

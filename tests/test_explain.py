@@ -4,11 +4,11 @@ import pytest
 import timm
 import torch
 
+from epsanet.app.errors import ConfigError
 from epsanet.cli import main
 from epsanet.data import write_image_folder
 from epsanet.explain import ExplainConfig, explain, explain_tensor, psa_modules
 from epsanet.train.checkpoint import save_weights
-from epsanet.train.errors import ConfigError
 
 
 @pytest.fixture(scope='module')

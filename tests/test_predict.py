@@ -6,9 +6,10 @@ import logging
 import pytest
 import timm
 
+from epsanet.app.data import expand_inputs
 from epsanet.cli import main
 from epsanet.data import DataError, UnreadableImageError, write_image_folder
-from epsanet.predict import PredictConfig, expand_inputs, predict
+from epsanet.predict import PredictConfig, predict
 from epsanet.train import TrainConfig, train
 from epsanet.train.checkpoint import save_weights
 from epsanet.train.validate import ValidateConfig, validate

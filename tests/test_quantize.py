@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 
+from epsanet.app.errors import ConfigError
 from epsanet.cli import main
 from epsanet.data import DataError, write_image_folder
 from epsanet.export import export_model
 from epsanet.quantize import QuantizeConfig, quantize, quantize_onnx_file
-from epsanet.train.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 

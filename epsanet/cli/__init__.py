@@ -4,18 +4,25 @@ Each subcommand lives in its own module of this package and defines
 
 * ``COMMAND``: its name,
 * ``add_parser(subparsers) -> argparse.ArgumentParser``: its flags,
-* ``run(args) -> int``: calls the Python API and returns the exit code.
+* ``run(args) -> int``: calls the Python API and returns the exit code,
+* optionally ``BOUNDS``: ``{dest: epsanet.app.flags.Bound}`` for flags outside the shared table
+  :data:`epsanet.app.flags.BOUNDS`; every value is checked before ``run`` is called.
 
-``main`` finds the modules, so adding a subcommand means adding one file.
+``main`` finds the modules, so adding a subcommand means adding one file. It is also the one place
+where errors reach the user: each as one line (``epsanet COMMAND: error: ...``) with a non-zero exit status,
+never a traceback unless ``EPSANET_DEBUG=1`` is set.
 """
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from typing import List, Optional
 
 from .. import __version__
+from ..app.errors import ConfigError, error_message
+from ..app.flags import check_namespace
 from ..errors import EpsanetError
 
 
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for module in _command_modules():
         sub = module.add_parser(subparsers)
-        sub.set_defaults(_run=module.run)
+        sub.set_defaults(_run=module.run, _bounds=getattr(module, 'BOUNDS', {}))
     return parser
 
 
@@ -53,16 +60,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_namespace(args, args._bounds)
         return int(args._run(args) or 0)
-    except CLIError as e:
-        print(f'epsanet {args.command}: error: {e}', file=sys.stderr)
-        return 2
-    except EpsanetError as e:  # a failed operation (a file that cannot be written, ...): one clear line
-        print(f'epsanet {args.command}: error: {e}', file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f'epsanet {args.command}: interrupted', file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get('EPSANET_DEBUG') == '1':
+            raise
+        print(f'epsanet {args.command}: error: {error_message(e)}', file=sys.stderr)
+        # 2: the input or options were wrong; 1: an operation failed (a file that cannot be written, ...)
+        return 2 if isinstance(e, (CLIError, ConfigError)) else 1
 
 
 if __name__ == '__main__':

@@ -5,8 +5,8 @@ COMMAND = 'explain'
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..app.flags import add_config_arguments
     from ..explain import ExplainConfig
-    from ..train.flags import add_config_arguments
 
     parser = subparsers.add_parser(
         COMMAND, help='Grad-CAM and PSA kernel-size attention pictures for images',
@@ -21,10 +21,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from ..app.errors import TrainError
+    from ..app.flags import config_from_args
     from ..data import DataError
     from ..explain import ExplainConfig, explain
-    from ..train import TrainError
-    from ..train.flags import config_from_args
     from ..weights.loading import WeightsError
     from . import CLIError
 

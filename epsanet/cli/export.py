@@ -2,9 +2,18 @@
 import argparse
 import os
 
+try:
+    from torch.onnx._constants import ONNX_MIN_OPSET
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as ONNX_MAX_OPSET
+except ImportError:  # not where this torch keeps them: the range every supported torch writes
+    ONNX_MIN_OPSET, ONNX_MAX_OPSET = 7, 17
+
+from ..app.flags import Bound
 from . import CLIError
 
 COMMAND = 'export'
+# the opsets torch.onnx's TorchScript exporter writes; the smallest input is EPSANet's output stride
+BOUNDS = dict(opset=Bound(ge=ONNX_MIN_OPSET, le=ONNX_MAX_OPSET), img_size=Bound(ge=32))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--img-size', type=int, default=224, help='input height and width (default: 224)')
     parser.add_argument('--batch-size', type=int, default=2, help='example batch size (default: 2)')
     parser.add_argument('--static-batch', action='store_true', help='fix the batch axis (default: dynamic)')
-    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default: 17)')
+    parser.add_argument('--opset', type=int, default=17,
+                        help=f'ONNX opset, {ONNX_MIN_OPSET} to {ONNX_MAX_OPSET} (default: 17)')
     parser.add_argument(
         '--method', choices=('trace', 'script'), default='trace', help='TorchScript method (default: trace)')
     parser.add_argument('--atol', type=float, default=1e-4,
@@ -43,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
     from ..downstream.backbone import create_backbone
     from ..export import FORMATS, ExportError, export_model
 
-    if args.img_size < 32 or args.batch_size < 1:
-        raise CLIError(f'--img-size must be >= 32 and --batch-size >= 1, got {args.img_size} and {args.batch_size}.')
     if args.format == 'exported-program' and args.output and not args.output.endswith('.pt2'):
         raise CLIError(f'--format exported-program writes a .pt2 file; got --output {args.output}.')
     output = args.output or args.model.replace('/', '_').replace(':', '_') + FORMATS[args.format]

@@ -5,8 +5,8 @@ COMMAND = 'extract'
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..app.flags import add_config_arguments
     from ..features import ExtractConfig
-    from ..train.flags import add_config_arguments
 
     parser = subparsers.add_parser(
         COMMAND, help='write embeddings (pooled pre-logits or stage outputs) of every image under a folder',
@@ -20,10 +20,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..app.errors import TrainError
+    from ..app.flags import config_from_args
     from ..data import DataError
     from ..features import ExtractConfig, extract
-    from ..train import TrainError
-    from ..train.flags import config_from_args
     from . import CLIError
 
     try:

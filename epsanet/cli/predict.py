@@ -5,8 +5,8 @@ COMMAND = 'predict'
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..app.flags import add_config_arguments
     from ..predict import PredictConfig
-    from ..train.flags import add_config_arguments
 
     parser = subparsers.add_parser(
         COMMAND, help='classify images with trained weights (class names from the weights)',
@@ -19,10 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from ..app.errors import TrainError
+    from ..app.flags import config_from_args
     from ..data import DataError
     from ..predict import PredictConfig, predict
-    from ..train import TrainError
-    from ..train.flags import config_from_args
     from ..weights.loading import WeightsError
     from . import CLIError
 

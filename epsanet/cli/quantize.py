@@ -5,8 +5,8 @@ COMMAND = 'quantize'
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..app.flags import add_config_arguments
     from ..quantize import QuantizeConfig
-    from ..train.flags import add_config_arguments
 
     parser = subparsers.add_parser(
         COMMAND, help='write an int8 ONNX model (onnxruntime static quantization) and compare it with float32',
@@ -17,11 +17,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..app.errors import TrainError
+    from ..app.flags import config_from_args
     from ..data import DataError
     from ..export import ExportError
     from ..quantize import QuantizeConfig, quantize
-    from ..train import TrainError
-    from ..train.flags import config_from_args
     from . import CLIError
 
     try:

@@ -5,8 +5,8 @@ COMMAND = 'train'
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..app.flags import add_config_arguments
     from ..train.config import TrainConfig
-    from ..train.flags import add_config_arguments
 
     parser = subparsers.add_parser(
         COMMAND, help='fine-tune or train a model on an ImageFolder',
@@ -19,9 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..app.errors import TrainError
+    from ..app.flags import config_from_args
     from ..data import DataError
-    from ..train import TrainConfig, TrainError, train
-    from ..train.flags import config_from_args
+    from ..train import TrainConfig, train
     from ..train.interrupt import Interrupted
     from . import CLIError
 

@@ -6,7 +6,7 @@ COMMAND = 'validate'
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..train.flags import add_config_arguments
+    from ..app.flags import add_config_arguments
     from ..train.validate import ValidateConfig
 
     parser = subparsers.add_parser(
@@ -17,9 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..app.errors import TrainError
+    from ..app.flags import config_from_args
     from ..data import DataError
-    from ..train import TrainError
-    from ..train.flags import config_from_args
     from ..train.validate import ValidateConfig, validate
     from . import CLIError
 

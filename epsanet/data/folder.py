@@ -61,10 +61,19 @@ def find_images(root: PathLike) -> List[Path]:
     if not root.is_dir():
         raise DataError(f'{root} is not a directory: pass the folder that holds the images.')
     found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable_folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
         found.extend(Path(dirpath) / f for f in filenames if not f.startswith('.') and is_image_file(f))
     return sorted(found)
+
+
+def _unreadable_folder(e: OSError) -> None:
+    """``os.walk`` skips a folder it cannot list; say so instead of reporting it as empty."""
+    raise DataError(f'cannot read the folder {e.filename}: {e.strerror or e}.') from e
+
+
+class MissingSplitError(DataError):
+    """The data folder has no subfolder of the split's name."""
 
 
 def split_dir(data_dir: PathLike, split: str) -> Path:
@@ -79,8 +88,8 @@ def split_dir(data_dir: PathLike, split: str) -> Path:
     if not path.is_dir():
         present = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
         hint = f'it has the subfolders: {", ".join(present)}' if present else 'it has no subfolders'
-        raise DataError(f'data dir {data_dir} has no "{split}" subfolder ({hint}). Expected the layout '
-                        f'{data_dir}/{split}/<class>/<image>; choose the split names with --train-split/--val-split.')
+        raise MissingSplitError(f'data dir {data_dir} has no "{split}" subfolder ({hint}). Expected the layout '
+                                f'{data_dir}/{split}/<class>/<image>.')
     return path
 
 

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..cache import cache_dir
-from ..train.checkpoint import atomic_write
+from ..files import atomic_write
 from .folder import DataError
 
 __all__ = ['ShardReader', 'INFO_FILES', 'shard_class_map']

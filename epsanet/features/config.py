@@ -3,9 +3,10 @@ import dataclasses
 import re
 from typing import Tuple
 
-from ..train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
-from ..train.errors import ConfigError
-from ..train.flags import arg
+from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
+from ..app.errors import ConfigError
+from ..app.flags import arg
+from ..app.model import InferenceModelOptions
 
 __all__ = ['ExtractConfig', 'parse_size']
 

@@ -25,13 +25,13 @@ import torch.distributed as torch_dist
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from ..app.data import dataset_from_config
+from ..app.device import DistInfo, autocast_for, init_distributed
+from ..app.errors import ConfigError
+from ..app.model import load_for_inference
 from ..data import DataError, ImageFiles, IndexedSamples, find_images
 from ..data.folder import unreadable_error, verify_files
 from ..progress import progress
-from ..train.distributed import DistInfo, init_distributed
-from ..train.errors import ConfigError
-from ..train.loaders import autocast_for
-from ..train.validate import dataset_from_config, load_for_inference
 from .config import ExtractConfig, parse_size
 from .output import Layout, differences, fingerprint, read_json, write_json
 from .writers import NpyWriter, ShardWriter, TensorSpec
@@ -165,9 +165,6 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     bad = [s for s in stages if not 0 <= s < NUM_STAGES]
     if bad:
         raise ConfigError(f'--stages {" ".join(map(str, bad))}: stages are 0 (stem) to {NUM_STAGES - 1}.')
-    if cfg.batch_size < 1 or cfg.workers < 0:
-        raise ConfigError(f'--batch-size {cfg.batch_size} --workers {cfg.workers}: the batch size must be at least 1 '
-                          'and the number of workers at least 0.')
     keys = [f'stage{s}' for s in stages] or ['features']
     layout = Layout(cfg.output, keys)
     parse_size(cfg.shard_size)

@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..train.checkpoint import atomic_write
-from ..train.errors import ConfigError
+from ..app.errors import ConfigError
+from ..files import atomic_write
 from .writers import TensorSpec, compact_npy, concat_safetensors, preallocate_npy
 
 __all__ = ['Layout', 'INDEX_FORMAT', 'fingerprint', 'write_json', 'read_json']

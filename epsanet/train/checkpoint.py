@@ -14,22 +14,21 @@ Every file is written to a temporary file in the same folder and renamed over th
 interrupted write (full disk, power loss, SIGKILL) leaves the previous checkpoint intact; the
 state file is written last, so everything an epoch writes before it is redone on resume.
 """
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import files
-from .errors import CheckpointError
+from ..app.errors import CheckpointError
+from ..weights.metadata import encode_metadata
 from .interrupt import pause_point
 
 __all__ = [
-    'atomic_write', 'save_weights', 'read_weights_metadata', 'save_state', 'load_state', 'resolve_resume',
+    'atomic_write', 'save_weights', 'save_state', 'load_state', 'resolve_resume',
     'latest_state', 'remove_stale_temporaries', 'WEIGHTS_SUFFIX', 'STATE_SUFFIX',
 ]
 
@@ -37,7 +36,6 @@ _logger = logging.getLogger(__name__)
 
 WEIGHTS_SUFFIX = '.safetensors'
 STATE_SUFFIX = '.state.pth'
-_META_PREFIX = 'epsanet.'
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,28 +58,10 @@ def _remove(path: str) -> None:
 
 def save_weights(path: PathLike, state_dict: Dict[str, torch.Tensor],
                  metadata: Optional[Dict[str, Any]] = None) -> None:
-    """Write ``state_dict`` as safetensors; ``metadata`` values are stored as JSON under ``epsanet.<key>``."""
+    """Write ``state_dict`` as safetensors with ``metadata`` (:func:`epsanet.weights.metadata.encode_metadata`)."""
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in state_dict.items()}
-    meta = {'format': 'pt'}
-    meta.update({_META_PREFIX + k: json.dumps(v) for k, v in (metadata or {}).items()})
+    meta = encode_metadata(metadata or {})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def read_weights_metadata(path: PathLike) -> Dict[str, Any]:
-    """The ``epsanet.*`` metadata of a safetensors file written by :func:`save_weights` (may be empty)."""
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f'cannot read {path} as safetensors ({e}).') from e
-    out = {}
-    for k, v in raw.items():
-        if k.startswith(_META_PREFIX):
-            try:
-                out[k[len(_META_PREFIX):]] = json.loads(v)
-            except json.JSONDecodeError:
-                out[k[len(_META_PREFIX):]] = v
-    return out
 
 
 def save_state(path: PathLike, state: Dict[str, Any]) -> None:

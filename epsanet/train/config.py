@@ -2,39 +2,16 @@
 import dataclasses
 from typing import Optional, Tuple
 
-from .flags import arg
+from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
+from ..app.flags import Options, arg
 
-# the data-source flags shared with validate and predict
-DATASET_HELP = ('data source, as timm\'s --dataset: "" = ImageFolder or .tar, hfds/NAME (Hugging Face datasets, e.g. '
-                'a save_to_disk folder), wds/NAME (webdataset shards in --data-dir), torch/NAME (torchvision)')
-CLASS_MAP_HELP = 'class map file (one class name per line, line i = class i), as timm\'s --class-map'
-DOWNLOAD_HELP = 'let torch/ data sets download into --data-dir'
-
-__all__ = ['TrainConfig', 'InferenceModelOptions']
+__all__ = ['TrainConfig']
 
 D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisation', 'optimizer', 'schedule', 'run'
 
 
 @dataclasses.dataclass
-class InferenceModelOptions:
-    """The model, weights and eval-transform options that every inference command shares (validate, predict,
-    extract, explain): what :func:`~epsanet.train.validate.load_for_inference` reads. Each command's config
-    inherits them."""
-    model: str = arg('', 'model name (default: the one recorded in --checkpoint, else epsanet50)', M)
-    checkpoint: str = arg('', 'weights: a file (.safetensors from "epsanet train", timm or authors\' .pth), an '
-                              'http(s) URL, hf-hub:org/repo or a folder from "epsanet convert"', M)
-    pretrained: bool = arg(False, "use the model's registered pretrained weights", M)
-    num_classes: Optional[int] = arg(None, 'number of classes (default: from the weights)', M)
-    img_size: Optional[int] = arg(None, 'input size (default: recorded with the weights, else the model\'s)', M)
-    crop_pct: Optional[float] = arg(None, 'centre-crop fraction (default: recorded with the weights, else the '
-                                          "model's)", M)
-    interpolation: str = arg('', 'resize interpolation (default: the model\'s)', M)
-    mean: Optional[Tuple[float, ...]] = arg(None, 'normalisation mean (default: the weights\' / model\'s)', M)
-    std: Optional[Tuple[float, ...]] = arg(None, 'normalisation std (default: the weights\' / model\'s)', M)
-
-
-@dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted.
 
     The fields of :data:`epsanet.train.recipe.AUTO_FIELDS` default to ``None``: training picks them from

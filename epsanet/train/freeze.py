@@ -4,7 +4,7 @@ from typing import Dict, Sequence
 import torch
 from timm.utils import freeze as timm_freeze
 
-from .errors import ConfigError
+from ..app.errors import ConfigError
 
 __all__ = ['freeze_modules', 'export_state_dict']
 

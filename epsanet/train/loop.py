@@ -24,28 +24,28 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
+from ..app.data import data_config_for, dataset_from_config, eval_loader, verify_images
+from ..app.device import DistInfo, all_reduce_max, all_reduce_sum, autocast_for, init_distributed
+from ..app.errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..app.model import build_model, check_img_size
 from ..data import DataError, check_same_classes
 from ..optimize import optimize_for_training
 from ..progress import progress
+from ..weights.metadata import read_weights_metadata
 from .checkpoint import (
     STATE_SUFFIX,
     WEIGHTS_SUFFIX,
     atomic_write,
     latest_state,
     load_state,
-    read_weights_metadata,
     remove_stale_temporaries,
     resolve_resume,
     save_state,
     save_weights,
 )
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, init_distributed
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .factory import build_model
 from .freeze import export_state_dict, freeze_modules
 from .interrupt import GracefulStop, Interrupted, pause_point, signal_name
-from .loaders import autocast_for, data_config_for, eval_loader
 from .metrics import MetricsLog
 from .precise_bn import recalibrate_bn
 from .recipe import apply_recipe, model_img_size, summarize
@@ -58,7 +58,7 @@ from .resume import (
     resumable_loader,
     scheduler_state,
 )
-from .validate import dataset_from_config, evaluate, verify_images
+from .validate import evaluate
 
 __all__ = ['Callback', 'TrainResult', 'train']
 
@@ -98,21 +98,13 @@ def _check_config(cfg: TrainConfig) -> None:
     if not cfg.data_dir:
         raise ConfigError('--data-dir is required (on the command line or in the --config file): an ImageFolder '
                           'root holding train/<class>/<image> and val/<class>/<image>.')
-    for name in ('epochs', 'batch_size'):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(cfg, name)}.')
-    if cfg.workers < 0:
-        raise ConfigError('--workers must be 0 or more.')
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f'mixup/cutmix need an even --batch-size, got {cfg.batch_size}.')
     if cfg.pretrained and cfg.initial_checkpoint:
         raise ConfigError('give --pretrained or --initial-checkpoint, not both.')
     if (cfg.scale is not None and len(cfg.scale) != 2) or len(cfg.ratio) != 2:
         raise ConfigError('--scale and --ratio take two numbers each (min max).')
-    if cfg.checkpoint_interval < 0:
-        raise ConfigError(f'--checkpoint-interval must be 0 (off) or a number of steps, got {cfg.checkpoint_interval}.')
-    if not cfg.grace_period > 0:
-        raise ConfigError(f'--grace-period must be a positive number of seconds, got {cfg.grace_period}.')
+    check_img_size(cfg.model, cfg.img_size)
     if cfg.resume == 'auto' and not cfg.output:
         raise ConfigError('--resume auto needs --output: the run folder to look for a saved state in (and to write '
                           'to).')
@@ -145,8 +137,9 @@ class _Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.train_ds = dataset_from_config(cfg, cfg.train_split, is_training=True, mark_unreadable=False,
-                                            batch_size=cfg.batch_size, seed=cfg.seed)
-        self.val_ds = dataset_from_config(cfg, cfg.val_split, batch_size=cfg.validation_batch_size or cfg.batch_size) \
+                                            split_flag='--train-split', batch_size=cfg.batch_size, seed=cfg.seed)
+        self.val_ds = dataset_from_config(cfg, cfg.val_split, split_flag='--val-split',
+                                          batch_size=cfg.validation_batch_size or cfg.batch_size) \
             if cfg.val_split else None
         if self.val_ds is not None:
             check_same_classes(self.train_ds.classes, self.val_ds.classes, self.train_ds.root, self.val_ds.root)
@@ -663,7 +656,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), model: Optional[
 
     Runs as one process, or with DDP when launched by ``torchrun`` (rank 0 logs and writes). Pass
     ``model`` to train a model you built yourself instead of ``timm.create_model(cfg.model)``.
-    Raises :class:`~epsanet.data.DataError`, :class:`~epsanet.train.errors.TrainError` subclasses for
+    Raises :class:`~epsanet.data.DataError`, :class:`~epsanet.app.errors.TrainError` subclasses for
     problems with the input. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 stop the run at the next step
     boundary (at once during set-up and validation), save the exact position to ``last.state.pth``
     and raise :class:`~epsanet.train.interrupt.Interrupted` (a ``KeyboardInterrupt``); see

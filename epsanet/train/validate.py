@@ -10,25 +10,24 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from timm.data.distributed_sampler import OrderedDistributedSampler
 
-from ..data import DataError, create_image_dataset, dataset_classes
-from ..data.folder import skipped_index, unreadable_error
+from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, dataset_from_config, eval_loader, verify_images
+from ..app.device import all_reduce_sum, autocast_for
+from ..app.errors import ConfigError
+from ..app.flags import arg
+from ..app.model import InferenceModelOptions, check_classes, load_for_inference
+from ..data import DataError, dataset_classes
+from ..data.folder import skipped_index
 from ..files import atomic_write
 from ..optimize import optimize_for_inference
 from ..progress import DEFAULT_LOG_INTERVAL
 from ..progress import progress as progress_bar
-from .checkpoint import read_weights_metadata
-from .config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
-from .errors import CheckpointError, ConfigError
-from .factory import build_model
-from .flags import arg
-from .loaders import autocast_for, data_config_for, eval_loader
 
-__all__ = ['ValidateConfig', 'evaluate', 'validate', 'verify_images']
+__all__ = ['ValidateConfig', 'evaluate', 'validate']
 
 _logger = logging.getLogger(__name__)
 
@@ -64,8 +63,6 @@ def evaluate(
     numbers are exact. ``confusion`` adds ``confusion``: a
     ``[true, predicted]`` count matrix.
     """
-    from .distributed import all_reduce_sum
-
     autocast = autocast or (lambda: torch.autocast(device.type, enabled=False))
     model.eval()
     k = min(5, num_classes)
@@ -114,24 +111,7 @@ def evaluate(
     return out
 
 
-def verify_images(dataset, progress: bool = True) -> None:
-    """``--strict``: decode every image first; fail listing those that cannot be read."""
-    if not hasattr(dataset, 'verify'):  # streamed shards: an unreadable sample fails when it is reached
-        return
-    bad = dataset.verify(progress=progress)
-    if bad:
-        raise unreadable_error(bad, dataset.root)
-
-
 V = 'validation'
-
-
-def dataset_from_config(cfg, split: str, is_training: bool = False, mark_unreadable: bool = True, **kwargs: Any):
-    """The data set named by a config's ``dataset``/``data_dir``/``class_map``/``dataset_download``/``strict``."""
-    return create_image_dataset(
-        getattr(cfg, 'dataset', ''), cfg.data_dir, split, class_map=getattr(cfg, 'class_map', '') or None,
-        download=getattr(cfg, 'dataset_download', False), is_training=is_training, strict=cfg.strict,
-        mark_unreadable=mark_unreadable, **kwargs)
 
 
 @dataclasses.dataclass
@@ -155,95 +135,6 @@ class ValidateConfig(InferenceModelOptions):
     per_class: bool = arg(False, 'add per-class accuracy to the results', V)
     confusion_matrix: bool = arg(False, 'add the confusion matrix ([true][predicted] counts) to the results', V)
     progress: bool = arg(True, 'show a progress bar', V)
-
-
-def _checkpoint_defaults(cfg) -> Dict[str, Any]:
-    """Model name, data settings and class names recorded in a safetensors file by ``epsanet train``."""
-    if not cfg.checkpoint or not str(cfg.checkpoint).endswith('.safetensors') or not Path(cfg.checkpoint).is_file():
-        return {}
-    return read_weights_metadata(cfg.checkpoint)
-
-
-def is_timm_source(checkpoint: str) -> bool:
-    """``hf-hub:org/repo`` or a local folder (``epsanet convert``'s output): timm reads config.json there."""
-    return str(checkpoint).startswith(('hf-hub:', 'local-dir:')) or Path(checkpoint).is_dir()
-
-
-def _fetch_url(checkpoint: str, progress: bool = True) -> str:
-    """An ``http(s)://`` --checkpoint is downloaded (cached, verified); returns the local path."""
-    from urllib.parse import urlparse
-
-    from ..weights.loading import WeightsError, download_url
-
-    if urlparse(checkpoint).scheme not in ('http', 'https'):
-        return checkpoint
-    try:
-        return str(download_url(checkpoint, progress=progress))
-    except WeightsError as e:
-        raise CheckpointError(str(e)) from e
-
-
-def _from_timm_source(cfg, model_kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """A Hub repo or local folder with timm's config.json; class names from its ``label_names``."""
-    import timm
-
-    import epsanet  # noqa: F401  (registers the models)
-
-    from ..weights.loading import WeightsError
-
-    src = str(cfg.checkpoint)
-    name = src if src.startswith(('hf-hub:', 'local-dir:')) else f'local-dir:{src}'
-    if cfg.num_classes:
-        model_kwargs = dict(model_kwargs, num_classes=cfg.num_classes)
-    try:
-        model = timm.create_model(name, pretrained=True, **model_kwargs)  # the architecture from config.json
-    except (WeightsError, FileNotFoundError, OSError) as e:
-        raise CheckpointError(f'cannot load {src}: {e}') from e
-    arch = model.pretrained_cfg.get('architecture')
-    if cfg.model and arch and cfg.model.split('.')[0] != arch:
-        raise CheckpointError(f'{src} holds {arch} weights, not {cfg.model}: drop --model or pass --model {arch}.')
-    pc = model.pretrained_cfg
-    names = pc.get('label_names')
-    if isinstance(names, dict):  # timm allows {index: name} with gaps
-        names = [str(names.get(i, names.get(str(i), i))) for i in range(model.num_classes)]
-    meta = dict(model=pc.get('architecture'))
-    if names and len(names) == getattr(model, 'num_classes', len(names)):
-        meta['classes'] = list(names)
-    return model, meta
-
-
-def load_for_inference(cfg, **model_kwargs) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any]]:
-    """Model, timm data config and checkpoint metadata for ``validate``, ``extract`` and ``predict``.
-
-    ``cfg.checkpoint``: a weights file (the metadata of a training checkpoint gives the model name,
-    data settings and ``classes``), an ``http(s)://`` URL (downloaded, cached), ``hf-hub:org/repo`` or
-    a folder written by ``epsanet convert`` (``classes`` from config.json's ``label_names``).
-    """
-    if cfg.checkpoint and is_timm_source(cfg.checkpoint):
-        model, meta = _from_timm_source(cfg, model_kwargs)
-    else:
-        if cfg.checkpoint:
-            cfg = dataclasses.replace(cfg, checkpoint=_fetch_url(str(cfg.checkpoint), getattr(cfg, 'progress', True)))
-        meta = _checkpoint_defaults(cfg)
-        name = cfg.model or meta.get('model') or 'epsanet50'
-        model = build_model(name, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
-                            checkpoint=cfg.checkpoint or None, adapt_classifier=False, **model_kwargs)
-    data_config = data_config_for(
-        model, img_size=cfg.img_size or meta.get('img_size'), crop_pct=cfg.crop_pct or meta.get('crop_pct'),
-        interpolation=cfg.interpolation or meta.get('interpolation', ''), mean=cfg.mean or meta.get('mean'),
-        std=cfg.std or meta.get('std'))
-    return model.eval(), data_config, meta
-
-
-def check_classes(model: torch.nn.Module, meta: Dict[str, Any], dataset, checkpoint: str = '') -> None:
-    """Raise ``DataError`` if ``dataset``'s classes are not the ones the model predicts: another count, or other
-    names than the weights' metadata records (scores against other labels would be silently wrong)."""
-    classes = dataset_classes(dataset) or []
-    if classes and model.num_classes != len(classes):
-        raise DataError(f'the model has {model.num_classes} classes but {dataset.root} has {len(classes)} classes.')
-    if classes and meta.get('classes') and list(meta['classes']) != classes:
-        raise DataError(f'the classes of {dataset.root} ({", ".join(classes[:10])}, ...) are not the classes '
-                        f'{checkpoint or "the weights"} were trained on ({", ".join(meta["classes"][:10])}, ...).')
 
 
 def validate(cfg: ValidateConfig) -> Dict[str, Any]:

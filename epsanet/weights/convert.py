@@ -19,6 +19,7 @@ from ..models.flops import count_gflops
 from ..models.variants import infer_variant
 from ..progress import progress as progress_bar
 from .loading import WeightsError, _pick_state_dict, read_checkpoint, sha256_file
+from .metadata import read_weights_metadata
 from .model_card import dumps, render_model_card
 
 __all__ = ['ConvertResult', 'convert', 'infer_architecture', 'read_label_names']
@@ -62,7 +63,6 @@ def _label_names(src: Path, given: Optional[Sequence[str]], num_classes: int) ->
     """The class names to publish: ``given``, else those an ``epsanet train`` checkpoint records; checked."""
     names, origin = (list(given), 'the given label names') if given else (None, '')
     if names is None and src.suffix == '.safetensors':
-        from ..train.checkpoint import read_weights_metadata
         recorded = read_weights_metadata(src).get('classes')
         names, origin = (list(recorded), f'the classes recorded in {src}') if recorded else (None, '')
     if names is None:
@@ -84,8 +84,6 @@ def _recorded_data_config(src: Path) -> Optional[Dict[str, Any]]:
     for config.json: without it the folder would be read at the model's default 224 px."""
     if src.suffix != '.safetensors':
         return None
-    from ..train.checkpoint import read_weights_metadata
-
     meta = read_weights_metadata(src)
     config = {k: meta[k] for k in ('img_size', 'crop_pct', 'interpolation', 'mean', 'std') if meta.get(k)}
     for k in ('mean', 'std'):

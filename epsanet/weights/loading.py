@@ -112,11 +112,12 @@ def _corrupt(path: Path, err: BaseException) -> WeightsIntegrityError:
 
 
 def _unsafe(path: Path, err: BaseException) -> UnsafeCheckpointError:
+    # torch's own text suggests weights_only=False, which no command offers and which would run the file's code
     return UnsafeCheckpointError(
-        f'Refused to load {path}: it contains pickled Python objects other than tensors '
-        f'({str(err).splitlines()[0]}). Loading it could run arbitrary code, so nothing from it was executed. '
-        'If you trust its origin, re-save only its state dict (or convert it to safetensors) in a trusted '
-        'environment and load that.')
+        f'Refused to load {path}: it is not a plain tensor checkpoint (it is corrupt, or it contains pickled '
+        'Python objects other than tensors). Loading such objects could run arbitrary code, so nothing from it was '
+        'executed. If you trust its origin, re-save only its state dict (or convert it to safetensors) in a '
+        'trusted environment and load that.')
 
 
 def read_checkpoint(path: Union[str, Path]) -> Any:
@@ -140,7 +141,11 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
             return torch.load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unsafe(path, e) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except RuntimeError as e:
+        if 'weights_only' in str(e):  # torch >= 2.6 reports blocked globals as a RuntimeError
+            raise _unsafe(path, e) from e
+        raise _corrupt(path, e) from e
+    except (EOFError, OSError, ValueError) as e:
         raise _corrupt(path, e) from e
 
 
@@ -184,8 +189,8 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
             state_dict = timm_load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for a damaged file
         unpickling = next((c for c in _causes(e) if isinstance(c, pickle.UnpicklingError)), None)
-        if unpickling is not None:  # timm re-raises the UnpicklingError as a RuntimeError
-            raise _unsafe(path, unpickling) from e
+        if unpickling is not None or 'weights_only' in str(e):  # timm re-raises it as a RuntimeError
+            raise _unsafe(path, e) from e
         raise _corrupt(path, e) from e
     return _only_tensors(state_dict, path)
 

@@ -64,9 +64,15 @@ def push(
     created if needed (``private``), and ``revision`` names a branch (created from main if absent).
     The entry pins the source to the uploaded commit, so the registered file can never change.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise WeightsError(f'{repo_id!r} is not a Hub repo id (ORG/NAME, letters, digits, "-", "_", "."): '
+                           f'{str(e).splitlines()[0]}') from e
     folder = Path(folder)
     entry = check_folder(folder)
     if tag:
@@ -85,8 +91,23 @@ def push(
         status = getattr(getattr(e, 'response', None), 'status_code', None)
         hint = ' Check that your token has write access (`hf auth login` or HF_TOKEN).' if status in (401, 403) else ''
         raise WeightsError(f'The Hub refused the upload to {repo_id}: {e}.{hint}') from e
-    except OSError as e:
-        raise WeightsError(f'Could not reach the Hugging Face Hub to upload to {repo_id} ({e}).') from e
+    except Exception as e:  # huggingface_hub's HTTP client raises its own connection errors over an OSError
+        cause = _os_cause(e)
+        if cause is None:
+            raise
+        raise WeightsError(f'Could not reach the Hugging Face Hub at {constants.ENDPOINT} to upload to {repo_id}: '
+                           f'{cause.strerror or cause}.') from e
     entry['source'] = {'hf_hub_id': repo_id, 'filename': WEIGHTS_NAME, 'revision': info.oid}
     problems = registry_entry_problems(entry)
     return PushResult(repo_id, info.oid, info.commit_url, entry, problems)
+
+
+def _os_cause(e: BaseException) -> Optional[OSError]:
+    """The OS error (refused connection, unreachable host, ...) behind ``e``, if there is one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

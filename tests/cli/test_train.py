@@ -43,7 +43,7 @@ def test_train_cli_writes_a_run(trained, capsys):
     (['extract', '--data-dir', '.', '--output', 'x.csv'], 'give a folder (sharded safetensors), a .npy'),
     (['train'], '--data-dir is required'),
     (['train', '--data-dir', '.', '--resume', 'auto'], '--resume auto needs --output'),
-    (['train', '--data-dir', '.', '--checkpoint-interval', '-1'], '--checkpoint-interval must be 0 (off)'),
+    (['train', '--data-dir', '.', '--checkpoint-interval', '-1'], '--checkpoint-interval must be >= 0; got -1'),
 ])
 def test_user_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2

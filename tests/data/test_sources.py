@@ -225,7 +225,7 @@ def test_torchrun_two_cpu_processes_train_from_webdataset_shards(tmp_path):
     rows = json.loads((out / 'metrics.json').read_text())
     assert len(rows) == 1 and rows[0]['train_loss'] > 0 and 0 <= rows[0]['val_top1'] <= 100
     assert 'data: 6 train images' in proc.stderr  # per process: the 12 images' 2 shards split over 2 processes
-    from epsanet.train import read_weights_metadata
+    from epsanet.weights.metadata import read_weights_metadata
     assert read_weights_metadata(out / 'last.safetensors')['classes'] == list(CLASSES)
 
 

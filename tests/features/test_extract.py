@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from epsanet.app.errors import ConfigError
 from epsanet.data import DataError, load_image
 from epsanet.features import ExtractConfig, extract, load, parse_size
 from epsanet.features.writers import SafetensorsStream, TensorSpec, compact_npy, preallocate_npy
 from epsanet.train.checkpoint import save_weights
-from epsanet.train.errors import ConfigError
 
 ROW_BYTES = 2048 * 4  # a pooled epsanet50 feature row
 
@@ -349,7 +349,7 @@ def test_no_readable_image_is_a_clear_error(weights, tmp_path):
     (folder / 'x.png').write_bytes(b'not a png')
     with pytest.raises(DataError, match='none of the 1 images'):
         extract(_cfg(folder, weights, tmp_path / 'out'))
-    with pytest.raises(ConfigError, match='batch size must be at least 1'):
+    with pytest.raises(ConfigError, match='--batch-size must be >= 1; got 0'):
         extract(_cfg(folder, weights, tmp_path / 'out', batch_size=0))
 
 

@@ -7,8 +7,9 @@ import timm
 import torch
 
 import epsanet  # noqa: F401
-from epsanet.train import CheckpointError, read_weights_metadata
+from epsanet.app.errors import CheckpointError
 from epsanet.train import checkpoint as ckpt
+from epsanet.weights.metadata import read_weights_metadata
 
 
 def _disk_full(*args, **kwargs):

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from epsanet import MODEL_NAMES
-from epsanet.train import TrainConfig, parse_config
+from epsanet.app.flags import parse_config
+from epsanet.train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / 'configs').rglob('*.yaml'))
 

@@ -8,8 +8,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from epsanet.app.flags import parse_config
 from epsanet.data import write_image_folder
-from epsanet.train import TrainConfig, parse_config, train
+from epsanet.train import TrainConfig, train
 from epsanet.train.recipe import AUTO_FIELDS, DataSummary, apply_recipe, model_img_size, pick_recipe, summarize
 
 CONFIGS = Path(__file__).resolve().parents[2] / 'configs'

@@ -11,20 +11,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from epsanet.app.errors import CheckpointError, NonFiniteLossError
+from epsanet.app.flags import parse_config
 from epsanet.data import DataError, write_image_folder
 from epsanet.data.synthetic import write_wds
-from epsanet.train import (
-    Callback,
-    CheckpointError,
-    Interrupted,
-    NonFiniteLossError,
-    TrainConfig,
-    interrupt,
-    parse_config,
-    read_weights_metadata,
-    train,
-)
+from epsanet.train import Callback, Interrupted, TrainConfig, interrupt, train
 from epsanet.train.checkpoint import load_state
+from epsanet.weights.metadata import read_weights_metadata
 
 pytestmark = pytest.mark.slow
 

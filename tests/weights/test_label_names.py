@@ -111,7 +111,7 @@ def test_hub_label_names_reach_timm_and_predict_offline(hub_server, offline, lab
 
 def test_predict_from_a_url_keeps_the_recorded_names_and_hub_errors_are_clear(file_server, hub_server, offline,
                                                                                trained_file, tmp_path, monkeypatch):
-    from epsanet.train.errors import CheckpointError
+    from epsanet.app.errors import CheckpointError
 
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch-home'))
     file_server.files['/w/best.safetensors'] = trained_file.read_bytes()

@@ -3,8 +3,9 @@ import timm
 import torch
 
 import epsanet  # noqa: F401
+from epsanet.app.errors import CheckpointError, ConfigError
+from epsanet.app.model import build_model
 from epsanet.reference import authors_checkpoint, create_reference
-from epsanet.train import CheckpointError, ConfigError, build_model
 from epsanet.train.checkpoint import save_weights
 
 

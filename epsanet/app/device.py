@@ -1,14 +1,40 @@
-"""Distributed setup from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+"""Where a command runs: the device (checked to exist, see :func:`resolve_device`), the distributed set-up
+from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and mixed precision (:func:`autocast_for`)."""
+import contextlib
 import dataclasses
+import functools
 import logging
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so, is_distributed_env
 
-__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_reduce_max']
+__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_reduce_max', 'autocast_for', 'device_problem']
 
 _logger = logging.getLogger(__name__)
+
+
+def device_problem(name: str) -> Optional[str]:
+    """Why ``--device name`` cannot be used on this machine (None when it can): not a device name, no such
+    accelerator, or an index past the last one."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return 'is not a device name (cpu, cuda, cuda:N, mps, ...).'
+    if device.type == 'cpu':
+        return None
+    backend = getattr(torch, device.type, None)
+    if device.type == 'mps':
+        backend = getattr(torch.backends, 'mps', None)
+    available = getattr(backend, 'is_available', lambda: False)()
+    if not available:
+        return (f'this machine has no {device.type} device (torch.{device.type}.is_available() is False); '
+                'use --device cpu.')
+    count = getattr(backend, 'device_count', lambda: 1)()
+    if device.index is not None and device.index >= count:
+        return f'this machine has {count} {device.type} device(s), numbered from 0.'
+    return None
 
 
 @dataclasses.dataclass
@@ -53,3 +79,11 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
     return _reduce(value, dist.ReduceOp.MAX)
+
+
+def autocast_for(device: torch.device, enabled: bool, dtype: str = '') -> Callable[[], Any]:
+    """A context factory: ``torch.autocast`` (float16 on CUDA, bfloat16 elsewhere by default) or a no-op."""
+    if not enabled:
+        return contextlib.nullcontext
+    name = dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
+    return functools.partial(torch.autocast, device_type=device.type, dtype=getattr(torch, name))

@@ -3,22 +3,112 @@
 A config field ``batch_size`` is the flag ``--batch-size`` and the YAML key ``batch_size`` (or
 ``batch-size``). ``--config FILE.yaml`` sets any flag; flags given on the command line win (the
 flags default to "not given", so the dataclass holds the only defaults).
-Field metadata: ``help``, ``choices``, ``type`` (element type for tuples), ``group`` (help section).
+Field metadata: ``help``, ``choices``, ``type`` (element type for tuples), ``group`` (help section),
+``bounds`` (a :class:`Bound`).
+
+Every value is checked before any work (:func:`check_options`, run when an :class:`Options` dataclass is
+made, from flags, YAML or Python): against the field's ``choices`` and ``bounds``, else the bounds of
+:data:`BOUNDS` for its name (a flag means the same in every command), and ``--device`` must name a device
+this machine has. A bad value is a :class:`ConfigError` of one line naming the flag and the allowed values.
 """
 import argparse
 import dataclasses
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Dict, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Mapping, Optional, Type, TypeVar
 
 import yaml
 
+from .device import device_problem
 from .errors import ConfigError
 
-__all__ = ['arg', 'add_config_arguments', 'config_from_args', 'load_yaml', 'parse_config']
+__all__ = ['BOUNDS', 'Bound', 'Options', 'arg', 'add_config_arguments', 'check_namespace', 'check_options',
+           'config_from_args', 'load_yaml', 'parse_config']
 
 T = TypeVar('T')
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The allowed range of a number (each element of a tuple): ``ge`` <= x <= ``le``, ``gt`` < x < ``lt``."""
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def allows(self, x: float) -> bool:
+        return not ((self.ge is not None and x < self.ge) or (self.gt is not None and x <= self.gt)
+                    or (self.le is not None and x > self.le) or (self.lt is not None and x >= self.lt))
+
+    def __str__(self) -> str:
+        low = f'>= {self.ge:g}' if self.ge is not None else f'> {self.gt:g}' if self.gt is not None else ''
+        high = f'<= {self.le:g}' if self.le is not None else f'< {self.lt:g}' if self.lt is not None else ''
+        return f'{low} and {high}' if low and high else low or high
+
+
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Bound(ge=1), Bound(ge=0), Bound(gt=0)
+PROBABILITY, FRACTION = Bound(ge=0, le=1), Bound(gt=0, le=1)
+RATE = Bound(ge=0, lt=1)
+
+# The allowed values of the flags that every command names alike (timm's flag names); a field's own
+# ``bounds`` metadata wins.
+BOUNDS: Dict[str, Bound] = dict(
+    batch_size=AT_LEAST_1, validation_batch_size=AT_LEAST_1, speed_batch_size=AT_LEAST_1, workers=AT_LEAST_0,
+    img_size=AT_LEAST_1, num_classes=AT_LEAST_1, topk=AT_LEAST_1, crop_pct=FRACTION, std=POSITIVE,
+    drop=RATE, drop_path=RATE, smoothing=RATE, hflip=PROBABILITY, vflip=PROBABILITY, reprob=PROBABILITY,
+    mixup=AT_LEAST_0, cutmix=AT_LEAST_0, mixup_prob=PROBABILITY, mixup_switch_prob=PROBABILITY,
+    color_jitter=AT_LEAST_0, scale=FRACTION, ratio=POSITIVE, model_ema_decay=PROBABILITY,
+    lr=POSITIVE, lr_base=POSITIVE, lr_base_size=AT_LEAST_1, momentum=AT_LEAST_0, weight_decay=AT_LEAST_0,
+    opt_eps=POSITIVE, clip_grad=POSITIVE, layer_decay=FRACTION, epochs=AT_LEAST_1, decay_epochs=POSITIVE,
+    decay_milestones=AT_LEAST_0, decay_rate=POSITIVE, warmup_epochs=AT_LEAST_0, warmup_lr=AT_LEAST_0,
+    min_lr=AT_LEAST_0, cooldown_epochs=AT_LEAST_0, patience_epochs=AT_LEAST_0, checkpoint_interval=AT_LEAST_0,
+    grace_period=POSITIVE, log_interval=AT_LEAST_0, calibration_images=AT_LEAST_1, speed_reps=AT_LEAST_0,
+    atol=AT_LEAST_0, rtol=AT_LEAST_0, in_chans=AT_LEAST_1,
+)
+
+# Checks beyond a range: the value's problem, or None.
+CHECKS: Dict[str, Callable[[Any], Optional[str]]] = dict(device=device_problem)
+
+
+def _problem(name: str, value: Any, bound: Optional[Bound], choices=None) -> Optional[str]:
+    """One line naming the flag and its allowed values, or None when ``value`` is allowed."""
+    if value is None or value == '' or isinstance(value, bool):
+        return None
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if choices is not None and any(v not in choices for v in items):
+        return f'{_flag(name)} must be one of {", ".join(map(str, choices))}; got {_show(value)}.'
+    if bound is not None and any(isinstance(v, (int, float)) and not bound.allows(v) for v in items):
+        return f'{_flag(name)} must be {bound}; got {_show(value)}.'
+    check = CHECKS.get(name)
+    problem = check(value) if check else None
+    return f'{_flag(name)} {value}: {problem}' if problem else None
+
+
+def check_options(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for the first value of the dataclass ``cfg`` outside its allowed values."""
+    for field in dataclasses.fields(cfg):
+        problem = _problem(field.name, getattr(cfg, field.name), field.metadata.get('bounds', BOUNDS.get(field.name)),
+                           field.metadata.get('choices'))
+        if problem:
+            raise ConfigError(problem)
+
+
+def check_namespace(args: argparse.Namespace, bounds: Mapping[str, Bound] = ()) -> None:
+    """:func:`check_options` for a command without a config dataclass: its parsed ``args`` against ``bounds``
+    and :data:`BOUNDS`."""
+    bounds = dict(bounds)
+    for name, value in vars(args).items():
+        problem = _problem(name, value, bounds.get(name, BOUNDS.get(name)))
+        if problem:
+            raise ConfigError(problem)
+
+
+class Options:
+    """Base of the option dataclasses: each value is checked (:func:`check_options`) when one is made."""
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def arg(default: Any, help: str, group: str = 'options', **metadata: Any) -> Any:

@@ -2,8 +2,9 @@ import argparse
 
 import pytest
 
-from epsanet.train import ConfigError, TrainConfig, parse_config
-from epsanet.train.flags import add_config_arguments, config_from_args
+from epsanet.app.errors import ConfigError
+from epsanet.app.flags import add_config_arguments, config_from_args, parse_config
+from epsanet.train import TrainConfig
 
 
 def test_flags_follow_timm_names():
@@ -55,10 +56,10 @@ def test_inference_commands_share_one_set_of_model_options():
     and those flags reach the config."""
     import dataclasses
 
+    from epsanet.app.model import InferenceModelOptions
     from epsanet.explain import ExplainConfig
     from epsanet.features import ExtractConfig
     from epsanet.predict import PredictConfig
-    from epsanet.train.config import InferenceModelOptions
     from epsanet.train.validate import ValidateConfig
 
     shared = [f.name for f in dataclasses.fields(InferenceModelOptions)]
@@ -70,3 +71,40 @@ def test_inference_commands_share_one_set_of_model_options():
         cfg = config_from_args(cls, parser.parse_args(['--checkpoint', 'w.safetensors', '--img-size', '96',
                                                        '--mean', '0.1', '0.2', '0.3']))
         assert (cfg.checkpoint, cfg.img_size, cfg.mean) == ('w.safetensors', 96, (0.1, 0.2, 0.3)), cls.__name__
+
+
+def test_values_are_checked_when_a_config_is_made():
+    """The Python API gets the CLI's checks: a config with a value outside its bounds is never made."""
+    import dataclasses
+
+    from epsanet.predict import PredictConfig
+
+    with pytest.raises(ConfigError, match=r'^--drop must be >= 0 and < 1; got 1.5\.$'):
+        TrainConfig(drop=1.5)
+    with pytest.raises(ConfigError, match='--scale must be > 0 and <= 1; got 0.5 2'):
+        TrainConfig(scale=(0.5, 2.0))
+    with pytest.raises(ConfigError, match='--batch-size must be >= 1; got 0'):
+        dataclasses.replace(PredictConfig(), batch_size=0)
+    with pytest.raises(ConfigError, match='--amp-dtype must be one of float16, bfloat16; got half'):
+        PredictConfig(amp_dtype='half')  # a YAML value gets the choices argparse gives a flag
+    assert TrainConfig(drop=0.0, scale=(0.08, 1.0)).drop == 0.0
+
+
+def test_bounds_read_as_the_allowed_values():
+    from epsanet.app.flags import Bound
+
+    assert str(Bound(ge=1)) == '>= 1' and str(Bound(gt=0, le=1)) == '> 0 and <= 1'
+    assert Bound(ge=0, lt=1).allows(0) and not Bound(ge=0, lt=1).allows(1)
+
+
+def test_device_must_exist():
+    import torch
+
+    from epsanet.app.device import device_problem
+
+    assert device_problem('cpu') is None
+    assert 'not a device name' in device_problem('gpu0')
+    if not torch.cuda.is_available():
+        assert 'no cuda device' in device_problem('cuda')
+    else:
+        assert 'numbered from 0' in device_problem(f'cuda:{torch.cuda.device_count()}')

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names that are not valid UTF-8 print as \xNN, not a traceback
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -57,9 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as e:
         print(f'epsanet {args.command}: error: {e}', file=sys.stderr)
         return 2
-    except EpsanetError as e:  # a failed operation (a file that cannot be written, ...): one clear line
+    except EpsanetError as e:  # bad input (a ValueError: 2), or a failed operation (a file that cannot be written: 1)
         print(f'epsanet {args.command}: error: {e}', file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ValueError) else 1
     except KeyboardInterrupt:
         print(f'epsanet {args.command}: interrupted', file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ import dataclasses
 import re
 from typing import Tuple
 
+from ..app.outputs import overwrite_option
 from ..train.config import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, InferenceModelOptions
 from ..train.errors import ConfigError
 from ..train.flags import arg
@@ -23,7 +24,7 @@ class ExtractConfig(InferenceModelOptions):
     output: str = arg('features', 'output: a folder (sharded safetensors + index.json), a .npy file (one '
                                   'preallocated .npy per output) or a .safetensors file (one file)', X)
     shard_size: str = arg('1GB', 'largest shard file of a folder output (bytes, or with KB/MB/GB)', X)
-    overwrite: bool = arg(False, 'replace an existing output made with other settings instead of failing', X)
+    overwrite: bool = overwrite_option(X)
     stages: Tuple[int, ...] = arg((), 'extract these stage outputs (0 = stem, 1-4 = stages) instead of the pooled '
                                       'pre-logits', X, metavar='STAGE')
     pool_stages: bool = arg(False, 'global-average-pool stage outputs to vectors', X)

@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from ..app.outputs import config_inputs
 from ..data import DataError, ImageFiles, IndexedSamples, find_images
 from ..data.folder import unreadable_error, verify_files
 from ..progress import progress
@@ -171,6 +172,7 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     keys = [f'stage{s}' for s in stages] or ['features']
     layout = Layout(cfg.output, keys)
     parse_size(cfg.shard_size)
+    layout.check_policy(config_inputs(cfg), cfg.overwrite)
     dataset, names = build_dataset(cfg)
     info = init_distributed(cfg.device)
     try:

@@ -25,7 +25,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
-from ..app.outputs import RunFolder
+from ..app.outputs import RunFolder, check_not_input, config_inputs
 from ..data import DataError, check_same_classes
 from ..optimize import optimize_for_training
 from ..progress import progress
@@ -685,6 +685,7 @@ def _run_dir(cfg: TrainConfig) -> Path:
 def _claim(output: Path, cfg: TrainConfig) -> RunFolder:
     """Lock the run folder for this run (the output policy of :mod:`epsanet.app.outputs`): an existing run there
     is refused without --resume, with the command that resumes it."""
+    check_not_input([output], config_inputs(cfg))  # e.g. --initial-checkpoint run/best.safetensors --output run
     resume_command = None
     if any(output.glob(f'*{STATE_SUFFIX}')):
         config = output / 'args.yaml'

@@ -29,6 +29,7 @@ from .app.data import expand_inputs
 from .app.errors import ConfigError
 from .app.flags import arg
 from .app.model import InferenceModelOptions, load_for_inference
+from .app.outputs import check_new, check_not_input, config_inputs, overwrite_option
 from .data import DataError, load_image
 from .data.image import UNREADABLE_ERRORS
 from .files import atomic_write
@@ -52,6 +53,7 @@ class ExplainConfig(InferenceModelOptions):
                                'stage 4 is a 1x1 map and its Grad-CAM is flat: use a larger --img-size or layer3', E)
     device: str = arg('', 'device (default: cuda if available, else cpu)', E)
     strict: bool = arg(False, 'fail on unreadable images instead of skipping them', E)
+    overwrite: bool = overwrite_option(E)
     progress: bool = arg(True, 'show a progress bar', E)
 
 
@@ -212,6 +214,17 @@ def _target_index(target: str, classes: Sequence[str], num_classes: int) -> Opti
                       f'0-{num_classes - 1}.')
 
 
+def _output_stems(paths: Sequence[str]) -> List[str]:
+    """The output name of each image: its stem, ``<stem>_2``, ``<stem>_3``... for repeats."""
+    seen: Dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f'{stem}_{seen[stem]}')
+    return stems
+
+
 def explain(cfg: ExplainConfig) -> List[Dict[str, Any]]:
     """Write ``<output_dir>/<image stem>.png`` and ``.npz`` for every input image; return what was written."""
     from timm.data import create_transform
@@ -219,6 +232,11 @@ def explain(cfg: ExplainConfig) -> List[Dict[str, Any]]:
     if not cfg.inputs:
         raise ConfigError('nothing to explain: give image files, folders or glob patterns.')
     paths = expand_inputs(cfg.inputs)
+    out_dir = Path(cfg.output_dir)
+    stems = _output_stems(paths)
+    check_not_input([out_dir], config_inputs(cfg, *paths), '--output-dir')
+    check_new([out_dir / f'{stem}{ext}' for stem in stems for ext in ('.png', '.npz')], cfg.overwrite,
+              '--output-dir')
     model, data_config, meta = load_for_inference(cfg)
     classes = list(meta.get('classes') or [])
     if len(classes) != model.num_classes:
@@ -234,11 +252,9 @@ def explain(cfg: ExplainConfig) -> List[Dict[str, Any]]:
     transform = create_transform(**data_config)
     mean = torch.tensor(data_config['mean']).view(3, 1, 1)
     std = torch.tensor(data_config['std']).view(3, 1, 1)
-    out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
-    stems: Dict[str, int] = {}
-    for path in progress(paths, desc='explain', unit='img', enabled=cfg.progress):
+    for path, stem in progress(list(zip(paths, stems)), desc='explain', unit='img', enabled=cfg.progress):
         try:
             img = load_image(path)
         except UNREADABLE_ERRORS as e:
@@ -250,10 +266,6 @@ def explain(cfg: ExplainConfig) -> List[Dict[str, Any]]:
         x = transform(img)
         exp = explain_tensor(model, x[None].to(device), target, layer=cfg.layer)
         shown = ((x.detach() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        stem = Path(path).stem
-        stems[stem] = stems.get(stem, 0) + 1
-        if stems[stem] > 1:
-            stem = f'{stem}_{stems[stem]}'
         label = classes[exp.target]
         title = f'{Path(path).name}: {label} ({100 * exp.probs[exp.target]:.1f}%)' + (
             '' if target is None else ' [--target-class]')

@@ -28,6 +28,7 @@ from .app.device import autocast_for
 from .app.errors import ConfigError
 from .app.flags import arg
 from .app.model import InferenceModelOptions, load_for_inference
+from .app.outputs import check_output_file, config_inputs, overwrite_option
 from .data import DataError, ImageFiles, IndexedSamples
 from .data.folder import skipped_index, unreadable_error, verify_files
 from .files import atomic_write
@@ -52,6 +53,7 @@ class PredictConfig(InferenceModelOptions):
     dataset_download: bool = arg(False, DOWNLOAD_HELP, P)
     topk: int = arg(1, 'how many classes to report per image', P)
     results_file: str = arg('', 'write the predictions to this .csv or .json file', P)
+    overwrite: bool = overwrite_option(P)
     batch_size: int = arg(32, 'batch size', P, aliases=('-b',))
     workers: int = arg(2, 'data loading worker processes', P, aliases=('-j',))
     device: str = arg('', 'device (default: cuda if available, else cpu)', P)
@@ -107,6 +109,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
         raise ConfigError(f'--topk must be at least 1, got {cfg.topk}.')
     if cfg.results_file and Path(cfg.results_file).suffix.lower() not in ('.csv', '.json'):
         raise ConfigError(f'--results-file {cfg.results_file}: use a .csv or .json file name.')
+    check_output_file(cfg.results_file, config_inputs(cfg), cfg.overwrite, '--results-file')
     dataset, filenames, where = _inputs(cfg)
     if not cfg.checkpoint and not cfg.pretrained:
         _logger.warning('no --checkpoint or --pretrained: predicting with a randomly initialised model.')
@@ -154,7 +157,11 @@ def predict(cfg: PredictConfig) -> PredictResult:
 
 def write_results(rows: Sequence[Dict[str, Any]], path: str) -> None:
     """Write predictions atomically: ``.json``, a list of ``{"filename", "label", "prob"}`` records; ``.csv``,
-    one row per image (``filename,label,prob`` for top-1, ``label_1..k,prob_1..k`` for top-k)."""
+    one row per image (``filename,label,prob`` for top-1, ``label_1..k,prob_1..k`` for top-k).
+
+    A file name that is not valid UTF-8 is kept losslessly: the CSV holds its original bytes
+    (``surrogateescape``), the JSON its undecodable bytes as ``\\udcXX`` escapes, which
+    ``json.load`` followed by ``os.fsencode`` turns back into the original bytes."""
     if Path(path).suffix.lower() == '.json':
         records = [dict(filename=r['filename'], label=r['label'], prob=r['prob']) for r in rows]
         text = json.dumps(records, indent=1)
@@ -170,4 +177,4 @@ def write_results(rows: Sequence[Dict[str, Any]], path: str) -> None:
         for r in rows:
             writer.writerow([r['filename'], *r['label'], *(f'{p:.6f}' for p in r['prob'])])
         text = buf.getvalue()
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8', errors='surrogateescape'))

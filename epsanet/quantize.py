@@ -35,6 +35,7 @@ from .app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, dataset_from_
 from .app.errors import ConfigError
 from .app.flags import arg
 from .app.model import InferenceModelOptions, check_classes, load_for_inference
+from .app.outputs import check_output_file, config_inputs, overwrite_option
 from .files import atomic_write
 
 __all__ = ['QuantizeConfig', 'quantize', 'quantize_onnx_file', 'CALIBRATION_METHODS']
@@ -69,6 +70,7 @@ class QuantizeConfig(InferenceModelOptions):
     seed: int = arg(0, 'seed of the calibration sample', Q)
     strict: bool = arg(False, 'fail on unreadable images instead of skipping them', Q)
     results_file: str = arg('', 'write the results as JSON to this file', Q)
+    overwrite: bool = overwrite_option(Q)
     progress: bool = arg(True, 'show a progress bar', Q)
 
 
@@ -210,6 +212,9 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
     from .optimize.onnx_forms import optimize_for_onnxruntime
 
     _check(cfg)
+    check_output_file(cfg.results_file, config_inputs(cfg), cfg.overwrite, '--results-file')
+    if cfg.output:
+        check_output_file(cfg.output, config_inputs(cfg), cfg.overwrite, '--output')
     _import_quantization()  # a missing onnxruntime is said before any work
     calib_set = dataset_from_config(cfg, cfg.split, labels=False)  # calibration needs images only
     if len(calib_set) == 0:
@@ -217,6 +222,8 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
     model, data_config, meta = load_for_inference(cfg)
     name = cfg.model or meta.get('model') or 'epsanet50'
     output = cfg.output or f'{name.replace("/", "_").replace(":", "_")}-int8.onnx'
+    if not cfg.output:  # the default name, known now
+        check_output_file(output, config_inputs(cfg), cfg.overwrite, '--output')
     input_size = tuple(data_config['input_size'])
     eval_set = None
     if cfg.eval_split:  # checked before any work: scores against other labels would be silently wrong

@@ -6,7 +6,8 @@ weights, data, optimize) and the jobs (train, predict, features, explain, export
 * :mod:`.data`: the data set and image inputs from options, the eval transform and loader;
 * :mod:`.device`: the device (checked), torchrun's distributed set-up, autocast;
 * :mod:`.flags`: dataclass configs as argparse flags and YAML files, and their checks;
-* :mod:`.errors`: the errors a user can fix (bad option, unreadable checkpoint, ...).
+* :mod:`.errors`: the errors a user can fix (bad option, unreadable checkpoint, ...);
+* :mod:`.outputs`: the output policy: what a command may write, and where.
 
 Imports only go down: ``epsanet.cli`` > jobs > ``epsanet.app`` > library (``[tool.importlinter]`` in
 pyproject.toml).

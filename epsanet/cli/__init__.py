@@ -21,7 +21,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from ..app.errors import ConfigError, error_message
+from ..app.errors import error_message
 from ..app.flags import check_namespace
 from ..errors import EpsanetError
 
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names that are not valid UTF-8 print as \xNN, not a traceback
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -69,8 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get('EPSANET_DEBUG') == '1':
             raise
         print(f'epsanet {args.command}: error: {error_message(e)}', file=sys.stderr)
-        # 2: the input or options were wrong; 1: an operation failed (a file that cannot be written, ...)
-        return 2 if isinstance(e, (CLIError, ConfigError)) else 1
+        # 2: the input or options were wrong (our ValueErrors); 1: an operation failed (a file that cannot be written)
+        return 2 if isinstance(e, CLIError) or (isinstance(e, EpsanetError) and isinstance(e, ValueError)) else 1
 
 
 if __name__ == '__main__':

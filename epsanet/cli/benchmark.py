@@ -1,5 +1,8 @@
 """``epsanet benchmark``: speed and memory of an EPSANet against the reference and timm ResNets."""
 import argparse
+import os
+
+from ..app.outputs import add_overwrite_argument, check_output_file
 
 COMMAND = 'benchmark'
 
@@ -38,6 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--json', default='benchmark.json', help='JSON output path (default: benchmark.json)')
     p.add_argument('--markdown', default=None, help='also write the markdown table to this path')
     p.add_argument('--no-progress', action='store_true')
+    add_overwrite_argument(p)
     return p
 
 
@@ -47,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmark import run_benchmark
     from . import CLIError
 
+    for flag, path in (('--json', args.json), ('--markdown', args.markdown)):  # before minutes of timing
+        check_output_file(path, [], args.overwrite, flag)
+    if args.json and args.markdown and os.path.abspath(args.json) == os.path.abspath(args.markdown):
+        raise CLIError(f'--json and --markdown name the same file {args.json}; give two file names.')
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f'--threads must be >= 1, got {args.threads}.')

@@ -3,6 +3,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..app.outputs import add_overwrite_argument, check_not_input
+
 COMMAND = 'convert'
 
 
@@ -25,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument('--label-names', default=None, metavar='FILE',
                         help='class names, one per line in classifier order (default: the classes an '
                              '"epsanet train" checkpoint records)')
-    parser.add_argument('--overwrite', action='store_true', help='replace the files of an existing OUT_DIR')
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.loading import WeightsError
     from . import CLIError
 
+    check_not_input([args.out_dir], [args.src, args.metrics, args.label_names], 'OUT_DIR')
     metrics = None
     if args.metrics:
         try:

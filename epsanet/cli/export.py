@@ -9,6 +9,7 @@ except ImportError:  # not where this torch keeps them: the range every supporte
     ONNX_MIN_OPSET, ONNX_MAX_OPSET = 7, 17
 
 from ..app.flags import Bound
+from ..app.outputs import add_overwrite_argument, check_output_file
 from . import CLIError
 
 COMMAND = 'export'
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help='the check allows a max |difference| of atol + rtol * max|output| (default 1e-4)')
     parser.add_argument('--rtol', type=float, default=1e-5, help='see --atol (default 1e-5)')
     parser.add_argument('--no-check', action='store_true', help='skip reloading and comparing the file')
+    add_overwrite_argument(parser)
     parser.add_argument(
         '--onnx-forms', choices=('auto', 'plain'), default='auto',
         help='ONNX: auto (default) writes each PSA branch conv in the form onnxruntime runs fastest on this CPU '
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == 'exported-program' and args.output and not args.output.endswith('.pt2'):
         raise CLIError(f'--format exported-program writes a .pt2 file; got --output {args.output}.')
     output = args.output or args.model.replace('/', '_').replace(':', '_') + FORMATS[args.format]
+    check_output_file(output, [args.weights], args.overwrite, '--output')
     kwargs = dict(in_chans=args.in_chans)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes

@@ -56,15 +56,50 @@ def is_image_file(path: PathLike) -> bool:
 
 
 def find_images(root: PathLike) -> List[Path]:
-    """Every image file under ``root`` (recursively, following links), sorted by path."""
+    """Every image file under ``root`` (recursively, following links), sorted by path.
+
+    Each file and each folder is counted once, however many links lead to it: a link to a folder already
+    scanned is not followed again, and one that leads back into its own ancestors (a loop such as
+    ``ln -s .. up``) is reported with a warning naming it.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f'{root} is not a directory: pass the folder that holds the images.')
     found = []
+    seen_dirs, seen_files = set(), set()
     for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable_folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith('.') and is_image_file(f))
+        here = Path(dirpath)
+        ancestors = {_identity(p) for p in (here, *here.parents)}
+        seen_dirs.add(_identity(here))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith('.')):
+            ident = _identity(here / d)
+            if ident is None:
+                continue
+            if ident in ancestors:
+                _logger.warning('symlink loop: %s leads back to %s; not followed.', here / d,
+                                os.path.realpath(here / d))
+            elif ident not in seen_dirs:
+                seen_dirs.add(ident)
+                keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            if f.startswith('.') or not is_image_file(f):
+                continue
+            ident = _identity(here / f)
+            if ident is None or ident not in seen_files:  # a broken link is kept: reading it reports it
+                seen_files.add(ident)
+                found.append(here / f)
     return sorted(found)
+
+
+def _identity(path: Path) -> Optional[Tuple[int, int]]:
+    """(device, inode) of what ``path`` leads to, or None when it leads nowhere."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _unreadable_folder(e: OSError) -> None:

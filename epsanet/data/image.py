@@ -33,7 +33,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     * 16-bit and 32-bit integer grey (``I;16*``, ``I``): scaled from the full 16-bit range, or
       from the image's own maximum when values exceed 16 bits;
-    * float grey (``F``): values in [0, 1] are scaled by 255, others clipped to [0, 255];
+    * float grey (``F``): values in [0, 1] are scaled by 255, others clipped to [0, 255]; a NaN or inf
+      pixel makes the image unreadable (``ValueError``), as a corrupt file does;
     * transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent colour): composited
       over a white background;
     * everything else (grey, palette, CMYK, YCbCr, 1-bit): PIL's own conversion.
@@ -52,6 +53,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     arr = np.asarray(img).astype(np.float64)
+    if not np.isfinite(arr).all():  # a float image with NaN or inf: no picture to show the network
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f'{bad} pixels are not finite numbers (NaN or inf)')
     if img.mode == 'F':
         scaled = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
     else:

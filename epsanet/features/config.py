@@ -7,6 +7,7 @@ from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
 from ..app.errors import ConfigError
 from ..app.flags import arg
 from ..app.model import InferenceModelOptions
+from ..app.outputs import overwrite_option
 
 __all__ = ['ExtractConfig', 'parse_size']
 
@@ -24,7 +25,7 @@ class ExtractConfig(InferenceModelOptions):
     output: str = arg('features', 'output: a folder (sharded safetensors + index.json), a .npy file (one '
                                   'preallocated .npy per output) or a .safetensors file (one file)', X)
     shard_size: str = arg('1GB', 'largest shard file of a folder output (bytes, or with KB/MB/GB)', X)
-    overwrite: bool = arg(False, 'replace an existing output made with other settings instead of failing', X)
+    overwrite: bool = overwrite_option(X)
     stages: Tuple[int, ...] = arg((), 'extract these stage outputs (0 = stem, 1-4 = stages) instead of the pooled '
                                       'pre-logits', X, metavar='STAGE')
     pool_stages: bool = arg(False, 'global-average-pool stage outputs to vectors', X)

@@ -29,6 +29,7 @@ from ..app.data import dataset_from_config
 from ..app.device import DistInfo, autocast_for, init_distributed
 from ..app.errors import ConfigError
 from ..app.model import load_for_inference
+from ..app.outputs import config_inputs
 from ..data import DataError, ImageFiles, IndexedSamples, find_images
 from ..data.folder import unreadable_error, verify_files
 from ..progress import progress
@@ -168,6 +169,7 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     keys = [f'stage{s}' for s in stages] or ['features']
     layout = Layout(cfg.output, keys)
     parse_size(cfg.shard_size)
+    layout.check_policy(config_inputs(cfg), cfg.overwrite)
     dataset, names = build_dataset(cfg)
     info = init_distributed(cfg.device)
     try:

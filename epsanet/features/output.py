@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..app.errors import ConfigError
+from ..app.outputs import check_new, check_not_input
 from ..files import atomic_write
 from .writers import TensorSpec, compact_npy, concat_safetensors, preallocate_npy
 
@@ -93,6 +94,15 @@ class Layout:
         return self.shard_dir / f'{key}-{chunk:05d}.safetensors'
 
     # --- starting or resuming ---------------------------------------------------------------------------------------
+
+    def check_policy(self, inputs: Sequence[str], overwrite: bool) -> None:
+        """The output policy (:mod:`epsanet.app.outputs`): no output file or folder is, or holds, an input; the
+        final files may only exist as part of an extraction output already here (finished: its index; or
+        in progress: its plan), else ``overwrite`` is needed."""
+        finals = [*self.files.values(), self.index, self.paths]
+        check_not_input([self.output, *finals], inputs)
+        if self.finished_plan() is None and not self.plan_file.is_file():
+            check_new(finals, overwrite)
 
     def finished_plan(self) -> Optional[Dict[str, Any]]:
         """The plan of a complete output at this place, or None."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .. import files
 from ..app.errors import CheckpointError
@@ -61,12 +61,20 @@ def save_weights(path: PathLike, state_dict: Dict[str, torch.Tensor],
     """Write ``state_dict`` as safetensors with ``metadata`` (:func:`epsanet.weights.metadata.encode_metadata`)."""
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in state_dict.items()}
     meta = encode_metadata(metadata or {})
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = save(tensors, metadata=meta)
+    atomic_write(path, lambda tmp: _write_bytes(tmp, data))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Written by Python, so a full disk is an ``OSError`` (ENOSPC), not safetensors' own error type."""
+    with open(path, 'wb') as f:
+        f.write(data)
 
 
 def save_state(path: PathLike, state: Dict[str, Any]) -> None:
     def write(tmp: str) -> None:
-        torch.save(state, tmp)
+        with open(tmp, 'wb') as f:  # through a Python file: a full disk is an OSError, not a RuntimeError
+            torch.save(state, f)
         pause_point('state-write')  # test hook: a signal or SIGKILL between the write and the rename
 
     atomic_write(path, write)

@@ -4,6 +4,7 @@ from typing import Optional, Tuple
 
 from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
 from ..app.flags import Options, arg
+from ..app.outputs import overwrite_option
 
 __all__ = ['TrainConfig']
 
@@ -115,6 +116,7 @@ class TrainConfig(Options):
     output: str = arg('', 'run folder (default: output/train/<time>-<model>, or the resumed run\'s folder)', R)
     resume: str = arg('', 'resume exactly where a run stopped: a run folder or its last.state.pth; "auto": the '
                           'newest state in --output, or a new run if there is none (what a requeued job needs)', R)
+    overwrite: bool = overwrite_option(R)
     checkpoint_interval: int = arg(0, 'also save the resumable state every N optimizer steps (atomically, replacing '
                                       'the previous one; 0: only at epoch ends and on a stop signal)', R)
     grace_period: float = arg(25.0, 'seconds to save and exit after SIGINT/SIGTERM/SIGUSR1; when saving takes longer, '

@@ -5,6 +5,7 @@ Everything heavy comes from timm: ``create_loader`` / ``create_transform`` (data
 ``create_scheduler_v2``, ``ModelEmaV3``, ``Mixup`` and the losses. This module wires them into a
 loop with checkpoints, metrics, DDP and the error handling a user needs.
 """
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,6 +29,7 @@ from ..app.data import data_config_for, dataset_from_config, eval_loader, verify
 from ..app.device import DistInfo, all_reduce_max, all_reduce_sum, autocast_for, init_distributed
 from ..app.errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..app.model import build_model, check_img_size
+from ..app.outputs import RunFolder, check_not_input, config_inputs
 from ..data import DataError, check_same_classes
 from ..optimize import optimize_for_training
 from ..progress import progress
@@ -114,8 +116,8 @@ class _Trainer:
     """State of one run; :func:`train` drives it."""
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, callbacks: Sequence[Callback],
-                 model: Optional[torch.nn.Module], stop: Optional[GracefulStop] = None):
-        self.cfg, self.dist, self.callbacks = cfg, dist, list(callbacks)
+                 model: Optional[torch.nn.Module], output: Path, stop: Optional[GracefulStop] = None):
+        self.cfg, self.dist, self.callbacks, self.output = cfg, dist, list(callbacks), output
         self.stop = stop or GracefulStop(cfg.grace_period)  # not entered: signal handlers are train()'s job
         self.device = dist.device
         self.primary = dist.is_primary
@@ -130,7 +132,7 @@ class _Trainer:
         self._setup_model(model, resume_files)
         self._setup_optim()
         self._setup_loaders()
-        self.output = self._output_dir(resume_files)
+        self.started = False  # nothing is written into the run folder before the first step (see _start_output)
         self.last_good = resume_files['state'] if resume_files else None
 
     # ---- setup -------------------------------------------------------------------------------------------------
@@ -149,6 +151,10 @@ class _Trainer:
                     verify_images(ds, progress=self.primary and cfg.progress)
         self.classes = self.train_ds.classes
         self.num_classes = len(self.classes)
+        if self.num_classes < 2:
+            raise DataError(f'{self.train_ds.root} has {self.num_classes} class ({", ".join(map(str, self.classes))}): '
+                            'a classifier learns to tell classes apart, and with one class the loss is 0 from the '
+                            'start, so nothing would be learned. Add a folder of images for each other class.')
         if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
             raise ConfigError(f'--num-classes {cfg.num_classes} but {self.train_ds.root} has {self.num_classes} class '
                               'folders; drop --num-classes to use the folders.')
@@ -350,22 +356,23 @@ class _Trainer:
             else:
                 self.scheduler.step(self.start_epoch)
 
-    def _output_dir(self, resume_files) -> Path:
-        cfg = self.cfg
-        if cfg.output:
-            out = Path(cfg.output)
-        elif resume_files:
-            out = resume_files['state'].parent
-        else:
-            stamp = datetime.now().strftime('%Y%m%d-%H%M%S')
-            out = Path('output') / 'train' / f'{stamp}-{cfg.model}-{self.data_config["input_size"][-1]}'
-        if self.primary:
-            out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(out)  # left by a process killed while writing a checkpoint
-            values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-            text = yaml.safe_dump(values, sort_keys=False)
-            atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(text))
-        return out
+    def _start_output(self) -> None:
+        """Called once the first step is done: only now does the run write into its folder. With --overwrite (and
+        no resume) the files of the run that was there before go first, so that nothing of it is mistaken for this
+        run's (a --resume auto after a crash must not find the old state)."""
+        self.started = True
+        if not self.primary:
+            return
+        out = self.output
+        remove_stale_temporaries(out)  # left by a process killed while writing a checkpoint
+        if self.cfg.overwrite and not self.state:
+            old = [p for p in out.glob(f'*{STATE_SUFFIX}')] + [out / n for n in RUN_FILES]
+            for path in old:
+                path.unlink(missing_ok=True)
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.cfg).items()
+                  if k != 'overwrite'}  # a decision of one invocation, not a setting of the run
+        text = yaml.safe_dump(values, sort_keys=False)
+        atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(text))
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     def _log(self, msg: str, *args: Any) -> None:
@@ -433,6 +440,8 @@ class _Trainer:
 
     def _after_step(self) -> None:
         """Save every --checkpoint-interval steps, and stop here (saving the exact position) on a signal."""
+        if not self.started:
+            self._start_output()
         pause_point('step')
         epoch, steps, counters = self.boundary
         signum = self._stop_requested()
@@ -651,6 +660,33 @@ def _summary(row: Dict[str, Any]) -> str:
     return text
 
 
+RUN_FILES = ('args.yaml', f'last{WEIGHTS_SUFFIX}', f'best{WEIGHTS_SUFFIX}', 'metrics.csv', 'metrics.json',
+             'metrics.png')
+"""The files a run writes into its folder (besides ``*.state.pth``); ``--overwrite`` removes an old run's."""
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    """--output, else the folder of the --resume file, else a new ``output/train/<time>-<model>-<size>``."""
+    if cfg.output:
+        return Path(cfg.output)
+    if cfg.resume and cfg.resume != 'auto':
+        return resolve_resume(cfg.resume)['state'].parent
+    stamp = datetime.now().strftime('%Y%m%d-%H%M%S')
+    return Path('output') / 'train' / f'{stamp}-{cfg.model}-{cfg.img_size or model_img_size(cfg.model)}'
+
+
+def _claim(output: Path, cfg: TrainConfig) -> RunFolder:
+    """Lock the run folder for this run (the output policy of :mod:`epsanet.app.outputs`): an existing run there
+    is refused without --resume, with the command that resumes it."""
+    check_not_input([output], config_inputs(cfg))  # e.g. --initial-checkpoint run/best.safetensors --output run
+    resume_command = None
+    if any(output.glob(f'*{STATE_SUFFIX}')):
+        config = output / 'args.yaml'
+        options = f'--config {shlex.quote(str(config))}' if config.is_file() else '<same options>'
+        resume_command = f'epsanet train {options} --resume {shlex.quote(str(output))}'
+    return RunFolder(output).claim(resume=bool(cfg.resume), overwrite=cfg.overwrite, resume_command=resume_command)
+
+
 def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), model: Optional[torch.nn.Module] = None) -> TrainResult:
     """Train (or fine-tune) a model on ``cfg.data_dir`` and return where the results are.
 
@@ -668,7 +704,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), model: Optional[
     with GracefulStop(cfg.grace_period) as stop:
         dist = init_distributed(cfg.device, cfg.dist_backend)
         try:
-            return _Trainer(cfg, dist, callbacks, model, stop).run()
+            output = broadcast(_run_dir(cfg) if dist.is_primary else None)  # rank 0 names it for all
+            with _claim(output, cfg) if dist.is_primary else contextlib.nullcontext():
+                return _Trainer(cfg, dist, callbacks, model, output, stop).run()
         except Interrupted as e:
             if not e.reported and dist.is_primary:  # during set-up
                 _logger.warning('stopped by %s during set-up, before training: nothing new was saved; run the same '

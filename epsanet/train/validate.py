@@ -20,6 +20,7 @@ from ..app.device import all_reduce_sum, autocast_for
 from ..app.errors import ConfigError
 from ..app.flags import arg
 from ..app.model import InferenceModelOptions, check_classes, load_for_inference
+from ..app.outputs import check_output_file, config_inputs, overwrite_option
 from ..data import DataError, dataset_classes
 from ..data.folder import skipped_index
 from ..files import atomic_write
@@ -132,6 +133,7 @@ class ValidateConfig(InferenceModelOptions):
                                    'convs in the forms measured fastest on this CPU; same outputs)', V)
     strict: bool = arg(False, 'fail on unreadable images instead of skipping and counting them', V)
     results_file: str = arg('', 'write the results as JSON to this file', V)
+    overwrite: bool = overwrite_option(V)
     per_class: bool = arg(False, 'add per-class accuracy to the results', V)
     confusion_matrix: bool = arg(False, 'add the confusion matrix ([true][predicted] counts) to the results', V)
     progress: bool = arg(True, 'show a progress bar', V)
@@ -141,6 +143,7 @@ def validate(cfg: ValidateConfig) -> Dict[str, Any]:
     """Validate ``cfg.checkpoint`` (or registered weights) on ``cfg.data_dir/cfg.split``; return the results."""
     if not cfg.data_dir and not cfg.dataset.lower().startswith('hfds/'):
         raise ConfigError('--data-dir is required: an ImageFolder root (see --split), a .tar or a --dataset root.')
+    check_output_file(cfg.results_file, config_inputs(cfg), cfg.overwrite, '--results-file')
     dataset = dataset_from_config(cfg, cfg.split, batch_size=cfg.batch_size)
     classes = dataset_classes(dataset) or []
     if cfg.strict:

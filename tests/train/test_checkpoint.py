@@ -21,12 +21,12 @@ def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     ckpt.save_weights(path, {'w': torch.ones(3)}, dict(epoch=1))
     before = path.read_bytes()
 
-    def half_write_then_fail(tensors, filename, metadata=None):
+    def half_write_then_fail(filename, data):
         with open(filename, 'wb') as f:
-            f.write(b'partial')
+            f.write(data[:7])
         _disk_full()
 
-    monkeypatch.setattr(ckpt, 'save_file', half_write_then_fail)
+    monkeypatch.setattr(ckpt, '_write_bytes', half_write_then_fail)
     with pytest.raises(CheckpointError, match='disk is full; the previous version of it is intact'):
         ckpt.save_weights(path, {'w': torch.zeros(3)}, dict(epoch=2))
     assert path.read_bytes() == before

@@ -34,9 +34,10 @@ import torch
 from timm.models.resnet import Bottleneck
 from torch import nn
 
-from epsanet.benchmark import REFERENCE, Setting, _make_step, _time_steps, build_candidates, optimized_for
+from epsanet.benchmark import _make_step, build_candidates, optimized_for
 from epsanet.layers import PyramidSqueezeAttention
 from epsanet.models.flops import count_conv_macs
+from epsanet.timing import REFERENCE, Setting, time_steps
 
 WITHOUT_3X3 = 'without 3x3 convs'
 
@@ -83,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             steps[name] = _make_step(model, channels_last, False, 0)[0]
     print(f'Timing {len(steps)} training steps, {args.reps} times each, interleaved '
           f'(batch {args.batch_size}, {args.img_size} px, {torch.get_num_threads()} threads)...', flush=True)
-    rows = {r.candidate: r for r in _time_steps(steps, channels_last, args.reps, warmup=2)}
+    rows = {r.candidate: r for r in time_steps(steps, channels_last, args.reps, warmup=2)}
 
     full = rows[args.baseline].median_ms
     shared = rows[f'{args.baseline} {WITHOUT_3X3}'].median_ms

@@ -96,11 +96,11 @@ def forward_candidates(shape: ConvShape) -> List[str]:
     return forms
 
 
-def weight_grad_candidates(shape: ConvShape) -> List[str]:
-    """The weight-gradient forms that apply to ``shape`` (FFT only for stride 1 and float32/64)."""
+def weight_grad_candidates(shape: ConvShape, fft: bool = True) -> List[str]:
+    """The weight-gradient forms that apply to ``shape`` (FFT only for stride 1 and float32/64, if ``fft``)."""
     forms = ['nchw', 'cl']
     same_padding = shape.padding == shape.dilation * (shape.kernel_size // 2)
-    if same_padding and fft_weight_grad_applies(shape.stride, getattr(torch, shape.dtype)):
+    if fft and same_padding and fft_weight_grad_applies(shape.stride, getattr(torch, shape.dtype)):
         forms.append('fft')
     return forms
 

@@ -45,8 +45,9 @@ def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold conv -> BN pairs of an EPSANet (timm ``ResNet`` with PSA blocks) in place; returns it.
+def fold_batchnorm(model: nn.Module, convs: bool = True, into_psa: bool = True) -> nn.Module:
+    """Fold conv -> BN pairs (``convs``) and each block's ``bn2`` into its PSA layer (``into_psa``) of an EPSANet
+    (timm ``ResNet`` with PSA blocks) in place; returns it.
 
     Raises:
         ValueError: if ``model`` is in training mode (batch statistics cannot be folded).
@@ -56,18 +57,18 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if model.training:
         raise ValueError('fold_batchnorm needs an eval-mode model: call model.eval() first.')
     for module in model.modules():
-        if isinstance(module, PSABottleneck) or module is model:
+        if convs and (isinstance(module, PSABottleneck) or module is model):
             for conv_name, bn_name in _PAIRS:
                 conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
                 if conv is not None and bn is not None and _foldable(conv, bn):
                     setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
                     setattr(module, bn_name, nn.Identity())
-        if isinstance(module, PSABottleneck) and _foldable_into_psa(module.conv2, module.bn2):
+        if into_psa and isinstance(module, PSABottleneck) and _foldable_into_psa(module.conv2, module.bn2):
             if not isinstance(module.conv2, FastPSA):
                 module.conv2 = FastPSA.from_psa(module.conv2)
             module.conv2.fold_output_affine(*_bn_scale_shift(module.bn2))
             module.bn2 = nn.Identity()
-        if isinstance(module, PSABottleneck) and isinstance(module.downsample, nn.Sequential):
+        if convs and isinstance(module, PSABottleneck) and isinstance(module.downsample, nn.Sequential):
             ds = module.downsample
             if len(ds) == 2 and _foldable(ds[0], ds[1]):
                 module.downsample = nn.Sequential(fuse_conv_bn_eval(ds[0], ds[1]), nn.Identity())

@@ -26,6 +26,7 @@ them afterwards. TorchScript, ``torch.fx``, ``torch.export`` and ONNX export wan
 ``torch.compile``, autocast or tracing the tuned convs run as plain convs.
 """
 import logging
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from .fused_bn_act import fuse_batchnorm_act, unfuse_batchnorm_act
 from .recompute_stem import recompute_stem as _recompute_stem
 from .tuned_conv import TunedConv2d
 
-__all__ = ['optimize_for_inference', 'optimize_for_training', 'is_optimized']
+__all__ = ['MECHANISMS', 'optimize_for_inference', 'optimize_for_training', 'is_optimized']
 
 _logger = logging.getLogger(__name__)
 
@@ -51,7 +52,17 @@ def _on_cpu(model: nn.Module, what: str) -> bool:
     return True
 
 
-def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool) -> int:
+# What ``without`` may leave off (for ``epsanet benchmark --ablate``, which measures what each is worth)
+MECHANISMS = ('tuned_convs', 'fft_weight_grad', 'fast_psa', 'fold_batchnorm', 'recompute_stem', 'fused_batchnorm')
+
+
+def _check_without(without: Sequence[str]) -> None:
+    bad = [w for w in without if w not in MECHANISMS]
+    if bad:
+        raise ValueError(f'Unknown mechanism {bad}: choose from {", ".join(MECHANISMS)}.')
+
+
+def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool, without: Sequence[str] = ()) -> int:
     """Replace every PSA layer by a FastPSA and its branch convs by TunedConv2d; returns the count."""
     from ..models.epsanet import PSABottleneck
 
@@ -59,39 +70,43 @@ def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, PyramidSqueezeAttention):
-                fast = child if isinstance(child, FastPSA) else FastPSA.from_psa(child)
-                # the output is kept only where the next layer (bn2) keeps it anyway and nothing changes it
-                fast.save_output_for_backward = save_output_for_backward and isinstance(parent, PSABottleneck)
+                fast = child
+                if 'fast_psa' not in without:
+                    fast = child if isinstance(child, FastPSA) else FastPSA.from_psa(child)
+                    # the output is kept only where the next layer (bn2) keeps it anyway and nothing changes it
+                    fast.save_output_for_backward = save_output_for_backward and isinstance(parent, PSABottleneck)
                 for i, conv in enumerate(fast.convs):
-                    if TunedConv2d.supports(conv):
-                        fast.convs[i] = TunedConv2d.from_conv(conv)
+                    if 'tuned_convs' not in without and TunedConv2d.supports(conv):
+                        fast.convs[i] = TunedConv2d.from_conv(conv, fft='fft_weight_grad' not in without)
                 setattr(parent, name, fast)
                 count += 1
     return count
 
 
-def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
+def optimize_for_inference(model: nn.Module, channels_last: bool = True, without: Sequence[str] = ()) -> nn.Module:
     """The one-line CPU inference setting: ``model = epsanet.optimize_for_inference(model)``.
 
     Puts the model in eval mode, folds BatchNorm into the preceding convs, computes the BatchNorm after
     each PSA layer with its attention product, autotunes the PSA branch convs and, with
     ``channels_last``, stores the weights channels_last (inputs may stay NCHW). Numerically the same
     network (float rounding aside), but it can no longer be trained: re-create the model to fine-tune.
-    Works in place and returns the model. See :mod:`epsanet.optimize.transforms`.
+    Works in place and returns the model. ``without`` names mechanisms (:data:`MECHANISMS`) to leave
+    off, for measuring what each is worth. See :mod:`epsanet.optimize.transforms`.
     """
+    _check_without(without)
     model.eval()
     if not _on_cpu(model, 'optimize_for_inference'):
         return model
     unfuse_batchnorm_act(model)  # a model transformed for training: plain BatchNorm + ReLU again, then folded
-    fold_batchnorm(model)
-    _swap_psa_layers(model, save_output_for_backward=False)
+    fold_batchnorm(model, convs='fold_batchnorm' not in without, into_psa='fast_psa' not in without)
+    _swap_psa_layers(model, save_output_for_backward=False, without=without)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
 
 def optimize_for_training(model: nn.Module, channels_last: bool = True, recompute_stem: bool = True,
-                          fuse_batchnorm: bool = True) -> nn.Module:
+                          fuse_batchnorm: bool = True, without: Sequence[str] = ()) -> nn.Module:
     """The one-line CPU training setting: ``model = epsanet.optimize_for_training(model)``.
 
     Autotunes the PSA branch convs (forward and both gradients), lets each PSA layer keep its output
@@ -102,14 +117,15 @@ def optimize_for_training(model: nn.Module, channels_last: bool = True, recomput
     with ``channels_last``, stores the weights channels_last. Every state-dict key and shape stays as it
     was, so checkpoints move freely between the plain and the transformed model; outputs, gradients and
     BatchNorm statistics are the plain model's within float rounding. Works in place (keeping train/eval
-    mode) and returns the model.
+    mode) and returns the model. ``without`` names mechanisms (:data:`MECHANISMS`) to leave off.
     """
+    _check_without(without)
     if not _on_cpu(model, 'optimize_for_training'):
         return model
-    _swap_psa_layers(model, save_output_for_backward=True)
-    if fuse_batchnorm:
+    _swap_psa_layers(model, save_output_for_backward=True, without=without)
+    if fuse_batchnorm and 'fused_batchnorm' not in without:
         fuse_batchnorm_act(model)
-    if recompute_stem:
+    if recompute_stem and 'recompute_stem' not in without:
         _recompute_stem(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.psa import PyramidSqueezeAttention
-from .conv_forms import ConvShape, conv_sharing_weight, forward_candidates, grouped_conv_as_depthwise
+from ..optimize.conv_forms import ConvShape, conv_sharing_weight, forward_candidates, grouped_conv_as_depthwise
 
 __all__ = ['DepthwiseSumConv2d', 'ExportPSA', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 
@@ -143,7 +143,7 @@ def _branch_shapes(model: nn.Module, example: torch.Tensor) -> Dict[nn.Conv2d, C
 
 
 def _ort_ms(module: nn.Module, x: torch.Tensor, threads: int, repeats: int = 3) -> float:
-    from ..export import onnxruntime_session
+    from . import onnxruntime_session
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings('ignore')

@@ -43,7 +43,6 @@ ONNX_FORMS = 'onnx_forms'
 # mechanism -> (what it is, the figures it exists for); only those the transforms still have are measured
 WORTH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     'tuned_convs': ('autotuned PSA branch conv forms', ('infer', 'train')),
-    'fft_weight_grad': ('FFT weight gradients of the branch convs', ('train',)),
     'fast_psa': ('FastPSA', ('infer', 'train', 'memory')),  # training: output kept; inference: bn2 in the product
     'fold_batchnorm': ('BatchNorm folded into the convs', ('infer',)),
     'recompute_stem': ('stem recomputed in the backward pass', ('memory', 'train')),

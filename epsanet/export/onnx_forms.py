@@ -30,6 +30,7 @@ from torch import nn
 
 from ..layers.psa import PyramidSqueezeAttention
 from ..optimize.conv_forms import ConvShape, conv_sharing_weight, forward_candidates, grouped_conv_as_depthwise
+from ..optimize.fast_psa import psa_sharing_modules
 
 __all__ = ['DepthwiseSumConv2d', 'ExportPSA', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 
@@ -195,7 +196,7 @@ def _swap_export_psa(model: nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is PyramidSqueezeAttention:
-                setattr(parent, name, ExportPSA.from_layer(child))
+                setattr(parent, name, psa_sharing_modules(ExportPSA, child))
 
 
 def _form_name(conv: nn.Module) -> str:

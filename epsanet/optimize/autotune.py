@@ -45,7 +45,7 @@ ENV_FORMS = 'EPSANET_CONV_FORMS'
 REPEATS = 3
 
 _forward_cache: Dict[Tuple, str] = {}
-_backward_cache: Dict[Tuple, Tuple[str, str]] = {}  # ((shape, cpu signature), fft allowed) -> forms
+_backward_cache: Dict[Tuple, Tuple[str, str]] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,34 +161,28 @@ def plan_forward(shape: ConvShape, x: torch.Tensor, weight: torch.Tensor) -> str
     return _forward_cache[key]
 
 
-def plan_backward(shape: ConvShape, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                  fft: bool = True) -> Tuple[str, str]:
-    """The fastest ``(input gradient, weight gradient)`` forms for ``shape`` (timed the first time; ``fft=False``:
-    without the FFT weight gradient)."""
+def plan_backward(shape: ConvShape, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> Tuple[str, str]:
+    """The fastest ``(input gradient, weight gradient)`` forms for ``shape`` (timed the first time)."""
     forced = _forced()
     if forced:
-        weight_form = forced[2] if forced[2] in conv_forms.weight_grad_candidates(shape) else 'nchw'
-        return forced[1], weight_form
+        return forced[1], forced[2]
     key = (shape, cpu_signature())
-    kind = 'backward' if fft else 'backward-without-fft'
-    if (key, fft) not in _backward_cache:
-        known = _recall(kind, key)
+    if key not in _backward_cache:
+        known = _recall('backward', key)
         if (isinstance(known, list) and len(known) == 2 and known[0] in conv_forms.INPUT_GRAD_FORMS
-                and known[1] in conv_forms.weight_grad_candidates(shape, fft)):
-            _backward_cache[key, fft] = (known[0], known[1])
-            return _backward_cache[key, fft]
+                and known[1] in conv_forms.WEIGHT_GRAD_FORMS):
+            _backward_cache[key] = (known[0], known[1])
+            return _backward_cache[key]
         args = (shape.stride, shape.padding, shape.dilation, shape.groups)
         t_input = {form: _time(lambda form=form: conv_forms.input_grad(form, grad, x, weight, *args))
                    for form in conv_forms.INPUT_GRAD_FORMS}
-        # the FFT form is timed with its full cost: a repeated call must not reuse the first one's input spectrum
-        t_weight = {form: _time(lambda form=form: conv_forms.weight_grad(form, grad, x, weight, *args,
-                                                                         reuse_input_spectrum=False))
-                    for form in conv_forms.weight_grad_candidates(shape, fft)}
-        _backward_cache[key, fft] = (_fastest(t_input), _fastest(t_weight))
-        _log('input gradient', shape, t_input, _backward_cache[key, fft][0])
-        _log('weight gradient', shape, t_weight, _backward_cache[key, fft][1])
-        _remember(kind, key, list(_backward_cache[key, fft]))
-    return _backward_cache[key, fft]
+        t_weight = {form: _time(lambda form=form: conv_forms.weight_grad(form, grad, x, weight, *args))
+                    for form in conv_forms.WEIGHT_GRAD_FORMS}
+        _backward_cache[key] = (_fastest(t_input), _fastest(t_weight))
+        _log('input gradient', shape, t_input, _backward_cache[key][0])
+        _log('weight gradient', shape, t_weight, _backward_cache[key][1])
+        _remember('backward', key, list(_backward_cache[key]))
+    return _backward_cache[key]
 
 
 def clear_cache(disk: bool = False) -> None:
@@ -207,6 +201,6 @@ def cache_info() -> List[Dict[str, object]]:
     rows: Dict[ConvShape, Dict[str, object]] = {}
     for (shape, _), form in _forward_cache.items():
         rows.setdefault(shape, {'shape': shape})['forward'] = form
-    for ((shape, _), _), (gx, gw) in _backward_cache.items():
+    for (shape, _), (gx, gw) in _backward_cache.items():
         rows.setdefault(shape, {'shape': shape}).update(input_grad=gx, weight_grad=gw)
     return list(rows.values())

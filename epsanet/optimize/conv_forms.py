@@ -13,9 +13,8 @@ Forward forms (``FORWARD_FORMS``):
   sum over the group's input channels (:func:`grouped_conv_as_depthwise`). The same multiply-adds,
   but depthwise convs have specialised kernels.
 
-Backward forms: the input gradient by the conv's own backward in NCHW or channels_last
-(``INPUT_GRAD_FORMS``); the weight gradient likewise, or by FFT correlation (``WEIGHT_GRAD_FORMS``,
-:mod:`epsanet.optimize.fft_weight_grad`).
+Backward forms: the input and the weight gradient by the conv's own backward in NCHW or channels_last
+(``INPUT_GRAD_FORMS``, ``WEIGHT_GRAD_FORMS``).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Type
@@ -24,18 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fft_weight_grad import fft_weight_grad, fft_weight_grad_applies
-
 __all__ = [
     'ConvShape', 'FORWARD_FORMS', 'INPUT_GRAD_FORMS', 'WEIGHT_GRAD_FORMS', 'forward_candidates',
-    'weight_grad_candidates', 'grouped_conv_as_depthwise', 'run_forward', 'input_grad', 'weight_grad',
+    'grouped_conv_as_depthwise', 'run_forward', 'input_grad', 'weight_grad',
     'input_and_weight_grad',
     'is_channels_last', 'in_format_of', 'conv_sharing_weight',
 ]
 
 FORWARD_FORMS = ('grouped_nchw', 'grouped_cl', 'depthwise_nchw', 'depthwise_cl')
 INPUT_GRAD_FORMS = ('nchw', 'cl')
-WEIGHT_GRAD_FORMS = ('nchw', 'cl', 'fft')
+WEIGHT_GRAD_FORMS = ('nchw', 'cl')
 MAX_DEPTHWISE_OUTPUTS = 4  # the depthwise form runs one conv per output channel of a group
 
 
@@ -93,15 +90,6 @@ def forward_candidates(shape: ConvShape) -> List[str]:
     forms = ['grouped_nchw', 'grouped_cl']
     if shape.in_per_group > 1 and shape.out_per_group <= MAX_DEPTHWISE_OUTPUTS:
         forms += ['depthwise_nchw', 'depthwise_cl']
-    return forms
-
-
-def weight_grad_candidates(shape: ConvShape, fft: bool = True) -> List[str]:
-    """The weight-gradient forms that apply to ``shape`` (FFT only for stride 1 and float32/64, if ``fft``)."""
-    forms = ['nchw', 'cl']
-    same_padding = shape.padding == shape.dilation * (shape.kernel_size // 2)
-    if fft and same_padding and fft_weight_grad_applies(shape.stride, getattr(torch, shape.dtype)):
-        forms.append('fft')
     return forms
 
 
@@ -167,12 +155,7 @@ def input_and_weight_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight
 
 
 def weight_grad(form: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
-                dilation: int, groups: int, reuse_input_spectrum: bool = True) -> torch.Tensor:
-    """The gradient of the conv's weight in form ``form`` (``'nchw'``, ``'cl'`` or ``'fft'``), in the
-    weight's memory format."""
-    if form == 'fft':
-        gw = fft_weight_grad(x, grad, groups, weight.shape[-1], dilation, reuse_input_spectrum)
-    else:
-        gw = _conv_backward(grad, x, weight, stride, padding, dilation, groups, form == 'cl', [False, True, False])[1]
+                dilation: int, groups: int) -> torch.Tensor:
+    """The gradient of the conv's weight in form ``form`` (``'nchw'`` or ``'cl'``), in the weight's memory format."""
+    gw = _conv_backward(grad, x, weight, stride, padding, dilation, groups, form == 'cl', [False, True, False])[1]
     return in_format_of(gw, weight)
-

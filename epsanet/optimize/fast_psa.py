@@ -17,14 +17,23 @@ Two changes from :class:`~epsanet.layers.PyramidSqueezeAttention`, each switched
 The branch convs are whatever modules the layer holds (:class:`~epsanet.optimize.tuned_conv.TunedConv2d`
 after the transforms), called as modules; so is the SE module.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Type
 
 import torch
 
 from ..layers.psa import PyramidSqueezeAttention
 from .conv_forms import is_channels_last
 
-__all__ = ['FastPSA']
+__all__ = ['FastPSA', 'psa_sharing_modules']
+
+
+def psa_sharing_modules(cls: Type[PyramidSqueezeAttention], psa: PyramidSqueezeAttention) -> PyramidSqueezeAttention:
+    """A ``cls`` (a PSA subclass with another forward) with ``psa``'s settings and train/eval mode, holding ``psa``'s
+    own branch convs and SE module (no copies: the same parameters and state-dict keys)."""
+    new = cls(psa.in_chs, psa.out_chs, psa.stride, psa.dilation, psa.kernel_sizes, psa.groups, psa.split_input,
+              rd_channels=psa.se.fc1.out_channels, act_layer=type(psa.se.act), device='meta')
+    new.convs, new.se = psa.convs, psa.se
+    return new.train(psa.training)
 
 
 class FastPSA(PyramidSqueezeAttention):
@@ -36,7 +45,7 @@ class FastPSA(PyramidSqueezeAttention):
     @classmethod
     def from_psa(cls, psa: PyramidSqueezeAttention, save_output_for_backward: bool = False) -> 'FastPSA':
         """A ``FastPSA`` holding ``psa``'s own submodules (branch convs and SE module; no copies)."""
-        new = cls.from_layer(psa)
+        new = psa_sharing_modules(cls, psa)
         new.save_output_for_backward = save_output_for_backward
         new.register_buffer('out_scale', None)
         new.register_buffer('out_shift', None)

@@ -53,7 +53,7 @@ def _on_cpu(model: nn.Module, what: str) -> bool:
 
 
 # What ``without`` may leave off (for ``epsanet benchmark --ablate``, which measures what each is worth)
-MECHANISMS = ('tuned_convs', 'fft_weight_grad', 'fast_psa', 'fold_batchnorm', 'recompute_stem', 'fused_batchnorm')
+MECHANISMS = ('tuned_convs', 'fast_psa', 'fold_batchnorm', 'recompute_stem', 'fused_batchnorm')
 
 
 def _check_without(without: Sequence[str]) -> None:
@@ -77,7 +77,7 @@ def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool, without: 
                     fast.save_output_for_backward = save_output_for_backward and isinstance(parent, PSABottleneck)
                 for i, conv in enumerate(fast.convs):
                     if 'tuned_convs' not in without and TunedConv2d.supports(conv):
-                        fast.convs[i] = TunedConv2d.from_conv(conv, fft='fft_weight_grad' not in without)
+                        fast.convs[i] = TunedConv2d.from_conv(conv)
                 setattr(parent, name, fast)
                 count += 1
     return count

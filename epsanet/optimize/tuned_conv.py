@@ -25,14 +25,11 @@ class TunedConv2d(nn.Conv2d):
     """
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, fft: bool = True) -> 'TunedConv2d':
-        """A ``TunedConv2d`` holding ``conv``'s own weight tensor (no copy); ``fft=False`` keeps the FFT weight
-        gradient out of its candidate forms."""
+    def from_conv(cls, conv: nn.Conv2d) -> 'TunedConv2d':
+        """A ``TunedConv2d`` holding ``conv``'s own weight tensor (no copy)."""
         if not cls.supports(conv):
             raise ValueError(f'TunedConv2d needs a bias-free, zero-padded, square nn.Conv2d, got {conv}.')
-        new = conv_sharing_weight(cls, conv)
-        new.fft = fft
-        return new
+        return conv_sharing_weight(cls, conv)
 
     @staticmethod
     def supports(conv: nn.Module) -> bool:
@@ -60,7 +57,7 @@ class TunedConv2d(nn.Conv2d):
         shape = self._shape(x)
         form = autotune.plan_forward(shape, x.detach(), self.weight.detach())
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _TunedConvFunction.apply(x, self.weight, shape, form, getattr(self, 'fft', True))
+            return _TunedConvFunction.apply(x, self.weight, shape, form)
         return conv_forms.run_forward(form, x, self.weight, shape.stride, shape.padding, shape.dilation, shape.groups)
 
 
@@ -70,9 +67,9 @@ class _TunedConvFunction(torch.autograd.Function):
     (no double backward: use the plain model for that)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shape: ConvShape, form: str, fft: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shape: ConvShape, form: str) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.shape, ctx.fft = shape, fft
+        ctx.shape = shape
         return conv_forms.run_forward(form, x, weight, shape.stride, shape.padding, shape.dilation, shape.groups)
 
     @staticmethod
@@ -81,13 +78,13 @@ class _TunedConvFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         shape = ctx.shape
         args = (shape.stride, shape.padding, shape.dilation, shape.groups)
-        input_form, weight_form = autotune.plan_backward(shape, grad, x, weight, fft=ctx.fft)
+        input_form, weight_form = autotune.plan_backward(shape, grad, x, weight)
         grad_x: Optional[torch.Tensor] = None
         grad_w: Optional[torch.Tensor] = None
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and input_form == weight_form:
-            return (*conv_forms.input_and_weight_grad(input_form, grad, x, weight, *args), None, None, None)
+            return (*conv_forms.input_and_weight_grad(input_form, grad, x, weight, *args), None, None)
         if ctx.needs_input_grad[0]:
             grad_x = conv_forms.input_grad(input_form, grad, x, weight, *args)
         if ctx.needs_input_grad[1]:
             grad_w = conv_forms.weight_grad(weight_form, grad, x, weight, *args)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None

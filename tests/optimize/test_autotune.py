@@ -44,10 +44,10 @@ def test_keeps_the_fastest_form_and_times_each_shape_once(monkeypatch):
 
 def test_backward_keeps_the_fastest_gradient_forms(monkeypatch):
     monkeypatch.setattr(conv_forms, 'input_grad', lambda form, *a: {'nchw': 2.0, 'cl': 1.0}[form])
-    monkeypatch.setattr(conv_forms, 'weight_grad', lambda form, *a, **kw: {'nchw': 2.0, 'cl': 3.0, 'fft': 1.0}[form])
+    monkeypatch.setattr(conv_forms, 'weight_grad', lambda form, *a: {'nchw': 2.0, 'cl': 3.0}[form])
     monkeypatch.setattr(autotune, '_time', lambda fn, repeats=3: fn())
     x, w, g = _tensors()
-    assert autotune.plan_backward(SHAPE, g, x, w) == ('cl', 'fft')
+    assert autotune.plan_backward(SHAPE, g, x, w) == ('cl', 'nchw')
 
 
 def test_a_plan_is_per_cpu(monkeypatch):
@@ -66,13 +66,11 @@ def test_cpu_signature_names_the_cpu_and_isa():
 
 
 def test_forced_forms_skip_the_timing(monkeypatch):
-    monkeypatch.setenv(autotune.ENV_FORMS, 'depthwise_cl,cl,fft')
+    monkeypatch.setenv(autotune.ENV_FORMS, 'depthwise_cl,cl,nchw')
     monkeypatch.setattr(autotune, '_time', lambda *a, **k: pytest.fail('timed although forced'))
     x, w, g = _tensors()
     assert autotune.plan_forward(SHAPE, x, w) == 'depthwise_cl'
-    assert autotune.plan_backward(SHAPE, g, x, w) == ('cl', 'fft')
-    strided = ConvShape(2, 16, 8, 9, 9, 7, 2, 3, 1, 4, 'float32', False)
-    assert autotune.plan_backward(strided, g, x, w) == ('cl', 'nchw')  # FFT does not apply: the default
+    assert autotune.plan_backward(SHAPE, g, x, w) == ('cl', 'nchw')
 
 
 def test_a_bad_forced_value_says_what_is_allowed(monkeypatch):
@@ -86,7 +84,7 @@ def test_real_timing_returns_an_applicable_form():
     x, w, g = _tensors()
     assert autotune.plan_forward(SHAPE, x, w) in conv_forms.forward_candidates(SHAPE)
     gx, gw = autotune.plan_backward(SHAPE, g, x, w)
-    assert gx in conv_forms.INPUT_GRAD_FORMS and gw in conv_forms.weight_grad_candidates(SHAPE)
+    assert gx in conv_forms.INPUT_GRAD_FORMS and gw in conv_forms.WEIGHT_GRAD_FORMS
 
 
 def test_plans_are_kept_on_disk_for_the_next_process(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import epsanet
 from epsanet.optimize import FastPSA, TunedConv2d, autotune, is_optimized
 
-FORCED = [None, 'grouped_nchw,nchw,nchw', 'grouped_cl,cl,cl', 'depthwise_nchw,cl,fft', 'depthwise_cl,nchw,fft']
+FORCED = [None, 'grouped_nchw,nchw,nchw', 'grouped_cl,cl,cl', 'depthwise_nchw,cl,cl', 'depthwise_cl,nchw,nchw']
 
 
 def _model(name='epsanet50', dtype=torch.float64):

@@ -8,7 +8,7 @@ from epsanet.optimize import autotune, conv_forms
 from epsanet.optimize.tuned_conv import TunedConv2d
 
 FORCED = [  # forward, input grad, weight grad: every form, each in at least one combination
-    'grouped_nchw,nchw,nchw', 'grouped_cl,cl,cl', 'depthwise_nchw,cl,fft', 'depthwise_cl,nchw,fft',
+    'grouped_nchw,nchw,nchw', 'grouped_cl,cl,cl', 'depthwise_nchw,cl,cl', 'depthwise_cl,nchw,nchw',
 ]
 
 

@@ -46,7 +46,6 @@ WORTH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     'fast_psa': ('FastPSA', ('infer', 'train', 'memory')),  # training: output kept; inference: bn2 in the product
     'fold_batchnorm': ('BatchNorm folded into the convs', ('infer',)),
     'recompute_stem': ('stem recomputed in the backward pass', ('memory', 'train')),
-    'fused_batchnorm': ('fused BatchNorm + ReLU C kernels', ('train',)),
     ONNX_FORMS: ('ONNX export forms of the branch convs', ('onnxruntime',)),
 }
 FIGURE_NAMES = {'infer': 'inference time', 'train': 'training step time', 'memory': 'peak training memory',

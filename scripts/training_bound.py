@@ -5,8 +5,7 @@ EPSANet-50 is resnet50 with each bottleneck's 3x3 conv replaced by a PSA layer: 
 convs, every BatchNorm and ReLU, the shortcuts and the classifier are the same layers at the same
 shapes. Run with PyTorch's kernels, as resnet50 runs them, they cost resnet50's step *without its 3x3
 convs* (measured here by replacing them with identity, or a strided pick for the downsampling blocks);
-our step is that plus the PSA layers. (``optimize_for_training`` runs the BatchNorms in fused kernels
-that resnet50 does not have, which takes a little off the shared part; the bound does not count that.)
+our step is that plus the PSA layers.
 
 The bound assumes the PSA layers cost nothing but their branch convs, and that those run at the same
 speed per multiply-add as resnet50's dense 3x3 convs. Both are optimistic: the attention, concatenation

@@ -13,10 +13,6 @@ forward pass (hooks fire on them), and compute the same numbers within float rou
 * inference only: every conv -> BatchNorm pair is folded into one conv (:mod:`epsanet.optimize.fold_bn`);
 * training only: the stem is recomputed in the backward pass instead of stored
   (:mod:`epsanet.optimize.recompute_stem`; ``recompute_stem=False`` keeps it);
-* training only: every BatchNorm becomes a :class:`~epsanet.optimize.fused_bn_act.FusedBatchNorm2d` (same
-  tensors) that runs, with the ReLU after it where there is one, in small C kernels compiled on first use
-  (:mod:`epsanet.optimize.native`; ``fuse_batchnorm=False`` keeps PyTorch's, and so does a machine without a
-  C compiler);
 * the weights are stored channels_last (``channels_last=True``): the first conv then returns
   channels_last maps even for NCHW input, and the whole network runs in that format.
 
@@ -34,7 +30,6 @@ from torch import nn
 from ..layers.psa import PyramidSqueezeAttention
 from .fast_psa import FastPSA
 from .fold_bn import fold_batchnorm
-from .fused_bn_act import fuse_batchnorm_act, unfuse_batchnorm_act
 from .recompute_stem import recompute_stem as _recompute_stem
 from .tuned_conv import TunedConv2d
 
@@ -53,7 +48,7 @@ def _on_cpu(model: nn.Module, what: str) -> bool:
 
 
 # What ``without`` may leave off (for ``epsanet benchmark --ablate``, which measures what each is worth)
-MECHANISMS = ('tuned_convs', 'fast_psa', 'fold_batchnorm', 'recompute_stem', 'fused_batchnorm')
+MECHANISMS = ('tuned_convs', 'fast_psa', 'fold_batchnorm', 'recompute_stem')
 
 
 def _check_without(without: Sequence[str]) -> None:
@@ -97,7 +92,6 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, without
     model.eval()
     if not _on_cpu(model, 'optimize_for_inference'):
         return model
-    unfuse_batchnorm_act(model)  # a model transformed for training: plain BatchNorm + ReLU again, then folded
     fold_batchnorm(model, convs='fold_batchnorm' not in without, into_psa='fast_psa' not in without)
     _swap_psa_layers(model, save_output_for_backward=False, without=without)
     if channels_last:
@@ -106,25 +100,22 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, without
 
 
 def optimize_for_training(model: nn.Module, channels_last: bool = True, recompute_stem: bool = True,
-                          fuse_batchnorm: bool = True, without: Sequence[str] = ()) -> nn.Module:
+                          without: Sequence[str] = ()) -> nn.Module:
     """The one-line CPU training setting: ``model = epsanet.optimize_for_training(model)``.
 
     Autotunes the PSA branch convs (forward and both gradients), lets each PSA layer keep its output
     instead of its branch features for the backward pass, with ``recompute_stem`` runs the stem again in
     the backward pass instead of storing its activations (hooks on the stem's modules then fire again
-    during the backward pass), with ``fuse_batchnorm`` runs each BatchNorm and the ReLU after it in fused
-    C kernels (the ReLU modules after them become ``FusedReLU``, which pass the fused output through) and,
-    with ``channels_last``, stores the weights channels_last. Every state-dict key and shape stays as it
-    was, so checkpoints move freely between the plain and the transformed model; outputs, gradients and
-    BatchNorm statistics are the plain model's within float rounding. Works in place (keeping train/eval
+    during the backward pass) and, with ``channels_last``, stores the weights channels_last. Every
+    state-dict key and shape stays as it was, so checkpoints move freely between the plain and the
+    transformed model; outputs, gradients and BatchNorm statistics are the plain model's within float
+    rounding. Works in place (keeping train/eval
     mode) and returns the model. ``without`` names mechanisms (:data:`MECHANISMS`) to leave off.
     """
     _check_without(without)
     if not _on_cpu(model, 'optimize_for_training'):
         return model
     _swap_psa_layers(model, save_output_for_backward=True, without=without)
-    if fuse_batchnorm and 'fused_batchnorm' not in without:
-        fuse_batchnorm_act(model)
     if recompute_stem and 'recompute_stem' not in without:
         _recompute_stem(model)
     if channels_last:

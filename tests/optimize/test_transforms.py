@@ -113,3 +113,28 @@ def test_not_on_cpu_nothing_changes_and_one_line_says_so(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f'{fn}: the model is on meta, not the CPU; nothing changed (these transforms are CPU-specific).'
         for fn in ('optimize_for_training', 'optimize_for_inference')]
+
+
+def test_without_leaves_each_mechanism_off_and_keeps_the_numbers():
+    """``without=`` (what ``epsanet benchmark --ablate`` turns off) removes exactly one mechanism each."""
+    from epsanet.optimize.recompute_stem import StemRecomputingResNet
+    from epsanet.optimize.transforms import MECHANISMS
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = _model(dtype=torch.float32).eval()(x)
+    for mechanism in MECHANISMS:
+        train = epsanet.optimize_for_training(_model(dtype=torch.float32), without=(mechanism,))
+        infer = epsanet.optimize_for_inference(_model(dtype=torch.float32), without=(mechanism,))
+        for model in (train, infer):
+            kinds = {type(m) for m in model.modules()}
+            assert (TunedConv2d in kinds) == (mechanism != 'tuned_convs')
+            assert (FastPSA in kinds) == (mechanism != 'fast_psa')
+        assert isinstance(train, StemRecomputingResNet) == (mechanism != 'recompute_stem')
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in infer.modules()) == (
+            mechanism in ('fold_batchnorm', 'fast_psa'))  # fast_psa off: bn2 stays; fold off: the others stay
+        with torch.no_grad():
+            torch.testing.assert_close(infer(x), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match='Unknown mechanism'):
+        epsanet.optimize_for_training(_model(), without=('warp_drive',))

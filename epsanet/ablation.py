@@ -42,8 +42,8 @@ FULL = 'full'
 ONNX_FORMS = 'onnx_forms'
 # mechanism -> (what it is, the figures it exists for); only those the transforms still have are measured
 WORTH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    'tuned_convs': ('autotuned PSA branch conv forms', ('infer', 'train')),
-    'fast_psa': ('FastPSA', ('infer', 'train', 'memory')),  # training: output kept; inference: bn2 in the product
+    'tuned_convs': ('autotuned PSA branch conv forms', ('train',)),
+    'fast_psa': ('FastPSA (output kept for backward)', ('train', 'memory')),
     'fold_batchnorm': ('BatchNorm folded into the convs', ('infer',)),
     'recompute_stem': ('stem recomputed in the backward pass', ('memory', 'train')),
     ONNX_FORMS: ('ONNX export forms of the branch convs', ('onnxruntime',)),

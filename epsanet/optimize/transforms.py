@@ -4,12 +4,11 @@ The EPSANet that ``timm.create_model`` returns is a plain ``nn.Module`` that run
 device. These transforms swap in CPU-specialised modules, which are still modules, still called in the
 forward pass (hooks fire on them), and compute the same numbers within float rounding:
 
-* every PSA branch conv becomes a :class:`~epsanet.optimize.tuned_conv.TunedConv2d` (same parameter),
+* training only: every PSA branch conv becomes a :class:`~epsanet.optimize.tuned_conv.TunedConv2d` (same parameter),
   whose forward, input gradient and weight gradient run in the forms measured fastest for its shape
   on the running CPU, the first time it meets that shape (:mod:`epsanet.optimize.autotune`);
-* every PSA layer becomes a :class:`~epsanet.optimize.fast_psa.FastPSA`: in training it keeps its output
-  instead of its branch features for the backward pass (one feature map less per block); in inference
-  the BatchNorm after it is computed in the same pass as the attention product;
+* training only: every PSA layer becomes a :class:`~epsanet.optimize.fast_psa.FastPSA`, which keeps its
+  output instead of its branch features for the backward pass (one feature map less per block);
 * inference only: every conv -> BatchNorm pair is folded into one conv (:mod:`epsanet.optimize.fold_bn`);
 * training only: the stem is recomputed in the backward pass instead of stored
   (:mod:`epsanet.optimize.recompute_stem`; ``recompute_stem=False`` keeps it);
@@ -57,7 +56,7 @@ def _check_without(without: Sequence[str]) -> None:
         raise ValueError(f'Unknown mechanism {bad}: choose from {", ".join(MECHANISMS)}.')
 
 
-def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool, without: Sequence[str] = ()) -> int:
+def _swap_psa_layers(model: nn.Module, without: Sequence[str] = ()) -> int:
     """Replace every PSA layer by a FastPSA and its branch convs by TunedConv2d; returns the count."""
     from ..models.epsanet import PSABottleneck
 
@@ -69,7 +68,7 @@ def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool, without: 
                 if 'fast_psa' not in without:
                     fast = child if isinstance(child, FastPSA) else FastPSA.from_psa(child)
                     # the output is kept only where the next layer (bn2) keeps it anyway and nothing changes it
-                    fast.save_output_for_backward = save_output_for_backward and isinstance(parent, PSABottleneck)
+                    fast.save_output_for_backward = isinstance(parent, PSABottleneck)
                 for i, conv in enumerate(fast.convs):
                     if 'tuned_convs' not in without and TunedConv2d.supports(conv):
                         fast.convs[i] = TunedConv2d.from_conv(conv)
@@ -81,9 +80,8 @@ def _swap_psa_layers(model: nn.Module, save_output_for_backward: bool, without: 
 def optimize_for_inference(model: nn.Module, channels_last: bool = True, without: Sequence[str] = ()) -> nn.Module:
     """The one-line CPU inference setting: ``model = epsanet.optimize_for_inference(model)``.
 
-    Puts the model in eval mode, folds BatchNorm into the preceding convs, computes the BatchNorm after
-    each PSA layer with its attention product, autotunes the PSA branch convs and, with
-    ``channels_last``, stores the weights channels_last (inputs may stay NCHW). Numerically the same
+    Puts the model in eval mode, folds BatchNorm into the preceding convs and, with ``channels_last``,
+    stores the weights channels_last (inputs may stay NCHW). Numerically the same
     network (float rounding aside), but it can no longer be trained: re-create the model to fine-tune.
     Works in place and returns the model. ``without`` names mechanisms (:data:`MECHANISMS`) to leave
     off, for measuring what each is worth. See :mod:`epsanet.optimize.transforms`.
@@ -92,8 +90,8 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, without
     model.eval()
     if not _on_cpu(model, 'optimize_for_inference'):
         return model
-    fold_batchnorm(model, convs='fold_batchnorm' not in without, into_psa='fast_psa' not in without)
-    _swap_psa_layers(model, save_output_for_backward=False, without=without)
+    if 'fold_batchnorm' not in without:
+        fold_batchnorm(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
@@ -115,7 +113,7 @@ def optimize_for_training(model: nn.Module, channels_last: bool = True, recomput
     _check_without(without)
     if not _on_cpu(model, 'optimize_for_training'):
         return model
-    _swap_psa_layers(model, save_output_for_backward=True, without=without)
+    _swap_psa_layers(model, without=without)
     if recompute_stem and 'recompute_stem' not in without:
         _recompute_stem(model)
     if channels_last:

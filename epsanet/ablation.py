@@ -42,7 +42,6 @@ FULL = 'full'
 ONNX_FORMS = 'onnx_forms'
 # mechanism -> (what it is, the figures it exists for); only those the transforms still have are measured
 WORTH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    'tuned_convs': ('autotuned PSA branch conv forms', ('train',)),
     'fast_psa': ('FastPSA (output kept for backward)', ('train', 'memory')),
     'fold_batchnorm': ('BatchNorm folded into the convs', ('infer',)),
     'recompute_stem': ('stem recomputed in the backward pass', ('memory', 'train')),

@@ -209,7 +209,7 @@ def build_candidates(
 def optimized_for(model: nn.Module, mode: str, without: Sequence[str] = ()) -> nn.Module:
     """Ours with the documented one-line CPU setting of ``mode`` (the input may stay NCHW):
     ``epsanet.optimize_for_inference(model)`` for ``'infer'``, ``epsanet.optimize_for_training(model)``
-    for ``'train'`` (both store the weights channels_last and autotune the PSA branch convs); ``without``
+    for ``'train'`` (both store the weights channels_last); ``without``
     leaves mechanisms off (:data:`epsanet.optimize.transforms.MECHANISMS`)."""
     from .optimize import optimize_for_inference, optimize_for_training
 
@@ -623,7 +623,7 @@ def run_benchmark(
     if optimize:
         notes.append(f'{model_name} runs with its one-line CPU setting: inference after '
                      '`epsanet.optimize_for_inference(model)`, training after `epsanet.optimize_for_training(model)` '
-                     '(both autotune the PSA branch convs on this CPU and store the weights channels_last). The '
+                     '(both store the weights channels_last). The '
                      'format column is the input\'s; in NCHW rows the other models run as created.')
     return BenchmarkReport(model_name, rows, memory_rows, targets, config, _environment(), logits_ok, notes)
 

@@ -257,7 +257,7 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
 
 
 def _cpu() -> str:
-    from .optimize.autotune import cpu_signature
+    from .benchmark import _environment
 
-    model, isa, threads, _ = cpu_signature()
-    return f'{model} ({isa}, {threads} threads)'
+    env = _environment()
+    return f'{env["cpu"]} ({torch.backends.cpu.get_cpu_capability()}, {env["threads"]} threads)'

@@ -10,8 +10,7 @@ our step is that plus the PSA layers.
 The bound assumes the PSA layers cost nothing but their branch convs, and that those run at the same
 speed per multiply-add as resnet50's dense 3x3 convs. Both are optimistic: the attention, concatenation
 and gradient accumulation cost time, and grouped convs with 5x5 to 9x9 kernels and few channels per
-group run fewer multiply-adds per second than a dense 3x3 conv at most shapes, in every form the
-autotuner tries.
+group run fewer multiply-adds per second than a dense 3x3 conv at most shapes.
 
     shared = step(resnet50 without its 3x3 convs)
     bound  = shared + (PSA branch MACs / resnet50's 3x3 MACs) * (step(resnet50) - shared)

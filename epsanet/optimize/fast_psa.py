@@ -9,15 +9,13 @@ An in-place change of the output makes autograd raise its usual error. The branc
 concatenated first: each is scaled straight into its slice of the output, and the backward pass hands
 every branch conv its own gradient, laid out as the conv's output was (no copy of a strided slice).
 
-The branch convs are whatever modules the layer holds (:class:`~epsanet.optimize.tuned_conv.TunedConv2d`
-after the transforms), called as modules; so is the SE module.
+The branch convs and the SE module are the layer's own, called as modules.
 """
 from typing import Sequence, Type
 
 import torch
 
 from ..layers.psa import PyramidSqueezeAttention
-from .conv_forms import is_channels_last
 
 __all__ = ['FastPSA', 'psa_sharing_modules']
 
@@ -50,7 +48,8 @@ class FastPSA(PyramidSqueezeAttention):
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _empty_concat(feats: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -4,9 +4,6 @@ The EPSANet that ``timm.create_model`` returns is a plain ``nn.Module`` that run
 device. These transforms swap in CPU-specialised modules, which are still modules, still called in the
 forward pass (hooks fire on them), and compute the same numbers within float rounding:
 
-* training only: every PSA branch conv becomes a :class:`~epsanet.optimize.tuned_conv.TunedConv2d` (same parameter),
-  whose forward, input gradient and weight gradient run in the forms measured fastest for its shape
-  on the running CPU, the first time it meets that shape (:mod:`epsanet.optimize.autotune`);
 * training only: every PSA layer becomes a :class:`~epsanet.optimize.fast_psa.FastPSA`, which keeps its
   output instead of its branch features for the backward pass (one feature map less per block);
 * inference only: every conv -> BatchNorm pair is folded into one conv (:mod:`epsanet.optimize.fold_bn`);
@@ -18,7 +15,7 @@ forward pass (hooks fire on them), and compute the same numbers within float rou
 On a model whose parameters are not on the CPU they change nothing (inference: only ``model.eval()``)
 and say so in one log line. Hooks registered before a transform stay on the replaced modules: register
 them afterwards. TorchScript, ``torch.fx``, ``torch.export`` and ONNX export want the plain model; under
-``torch.compile``, autocast or tracing the tuned convs run as plain convs.
+``torch.compile``, autocast or tracing the PSA layers run as plain ones.
 """
 import logging
 from typing import Sequence
@@ -30,7 +27,6 @@ from ..layers.psa import PyramidSqueezeAttention
 from .fast_psa import FastPSA
 from .fold_bn import fold_batchnorm
 from .recompute_stem import recompute_stem as _recompute_stem
-from .tuned_conv import TunedConv2d
 
 __all__ = ['MECHANISMS', 'optimize_for_inference', 'optimize_for_training', 'is_optimized']
 
@@ -47,7 +43,7 @@ def _on_cpu(model: nn.Module, what: str) -> bool:
 
 
 # What ``without`` may leave off (for ``epsanet benchmark --ablate``, which measures what each is worth)
-MECHANISMS = ('tuned_convs', 'fast_psa', 'fold_batchnorm', 'recompute_stem')
+MECHANISMS = ('fast_psa', 'fold_batchnorm', 'recompute_stem')
 
 
 def _check_without(without: Sequence[str]) -> None:
@@ -57,7 +53,7 @@ def _check_without(without: Sequence[str]) -> None:
 
 
 def _swap_psa_layers(model: nn.Module, without: Sequence[str] = ()) -> int:
-    """Replace every PSA layer by a FastPSA and its branch convs by TunedConv2d; returns the count."""
+    """Replace every PSA layer by a FastPSA (its own branch convs and SE module); returns the count."""
     from ..models.epsanet import PSABottleneck
 
     count = 0
@@ -69,9 +65,6 @@ def _swap_psa_layers(model: nn.Module, without: Sequence[str] = ()) -> int:
                     fast = child if isinstance(child, FastPSA) else FastPSA.from_psa(child)
                     # the output is kept only where the next layer (bn2) keeps it anyway and nothing changes it
                     fast.save_output_for_backward = isinstance(parent, PSABottleneck)
-                for i, conv in enumerate(fast.convs):
-                    if 'tuned_convs' not in without and TunedConv2d.supports(conv):
-                        fast.convs[i] = TunedConv2d.from_conv(conv)
                 setattr(parent, name, fast)
                 count += 1
     return count
@@ -101,7 +94,7 @@ def optimize_for_training(model: nn.Module, channels_last: bool = True, recomput
                           without: Sequence[str] = ()) -> nn.Module:
     """The one-line CPU training setting: ``model = epsanet.optimize_for_training(model)``.
 
-    Autotunes the PSA branch convs (forward and both gradients), lets each PSA layer keep its output
+    Lets each PSA layer keep its output
     instead of its branch features for the backward pass, with ``recompute_stem`` runs the stem again in
     the backward pass instead of storing its activations (hooks on the stem's modules then fire again
     during the backward pass) and, with ``channels_last``, stores the weights channels_last. Every

@@ -39,7 +39,7 @@ def _pair(name, num_classes=10, dtype=torch.float32):
 def test_matches_reference_with_gradients(name, train, optimized):
     """Whole networks against the reference: logits, input and every weight gradient, and (train)
     the running statistics; the plain model and the model after ``epsanet.optimize_for_training``
-    (autotuned branch convs, memory saver, channels_last weights). In eval mode the model after
+    (memory saver, recomputed stem, channels_last weights). In eval mode the model after
     ``epsanet.optimize_for_inference`` is checked too.
 
     Eval runs in float32 at 32 px (1e-5). Train mode runs in float64 at 64 px: with batch 2,

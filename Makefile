@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
 
 benchmark: $(STAMP)
-	$(PY) scripts/benchmark.py --optimize --json benchmark.json --markdown benchmark.md
+	$(PY) scripts/benchmark.py --optimize --targets scripts/benchmark_targets.json --json benchmark.json --markdown benchmark.md
 
 # on a machine with a CUDA GPU: correctness, AMP, compile, one training epoch and throughput, as a markdown table
 gpu-check: $(STAMP)

@@ -63,54 +63,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .files import atomic_write
+from .timing import REFERENCE, Row, Setting, time_steps
 
-__all__ = ['BenchmarkReport', 'Setting', 'TARGETS', 'build_candidates', 'optimized_for', 'run_benchmark']
+__all__ = ['BenchmarkReport', 'build_candidates', 'load_thresholds', 'optimized_for', 'run_benchmark']
 
 MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 DTYPES = ('fp32', 'bf16')
 MODES = ('infer', 'train')
-REFERENCE = 'reference'
 CHECKPOINTED = '{} + set_grad_checkpointing()'  # memory row of ours with timm's gradient checkpointing
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One measured configuration."""
-    mode: str = 'infer'
-    batch_size: int = 8
-    img_size: int = 224
-    memory_format: str = 'nchw'
-    dtype: str = 'fp32'
-
-    def label(self) -> str:
-        return f'{self.mode} {self.memory_format} {self.dtype} b{self.batch_size} {self.img_size}px'
-
-
-@dataclass
-class Row:
-    candidate: str
-    setting: Setting
-    compiled: bool
-    times_ms: List[float]
-    median_ms: float
-    min_ms: float
-    img_per_s: float
-    cpu_ms: Optional[float] = None  # median process CPU time per step (all threads)
-    vs_reference: Optional[float] = None  # img/s over the reference's img/s in the same setting
-    cpu_vs_reference: Optional[float] = None  # the same ratio from CPU times
-    max_abs_diff: Optional[float] = None  # max |logits - reference logits| (ours, inference only)
-    peak_mem_mib: Optional[float] = None
-
-
-# (description, mode, compared with, kind, threshold). Ours: its NCHW row (NCHW input, with its one-line
-# setting under --optimize); the other model: its best memory format (the faster row); memory: NCHW rows.
-TARGETS = (
-    ('inference, ours vs reference (best format)', 'infer', REFERENCE, 'speed', 1.3),
-    ('inference, ours vs resnet50 (best format)', 'infer', 'resnet50', 'speed', 0.9),
-    ('training step, ours vs reference (best format)', 'train', REFERENCE, 'speed', 1.5),
-    ('training step, ours vs resnet50 (best format)', 'train', 'resnet50', 'speed', 0.9),
-    ('onnxruntime inference, ours vs resnet50', 'onnxruntime', 'resnet50', 'speed', 0.9),
-    ('peak training memory, ours / reference', 'train', REFERENCE, 'memory', 0.9),
+# (description, mode, compared with, kind). Ours: its NCHW row (NCHW input, with its one-line setting under
+# --optimize); the other model: its best memory format (the faster row); memory: NCHW rows. Thresholds are not
+# part of the package: ``thresholds`` (e.g. ``--targets scripts/benchmark_targets.json``) maps descriptions to them.
+RATIOS = (
+    ('inference, ours vs reference (best format)', 'infer', REFERENCE, 'speed'),
+    ('inference, ours vs resnet50 (best format)', 'infer', 'resnet50', 'speed'),
+    ('training step, ours vs reference (best format)', 'train', REFERENCE, 'speed'),
+    ('training step, ours vs resnet50 (best format)', 'train', 'resnet50', 'speed'),
+    ('onnxruntime inference, ours vs resnet50', 'onnxruntime', 'resnet50', 'speed'),
+    ('peak training memory, ours / reference', 'train', REFERENCE, 'memory'),
 )
 ONNXRUNTIME = 'onnxruntime'
 ONNXRUNTIME_INT8 = 'onnxruntime-int8'
@@ -164,23 +136,29 @@ class BenchmarkReport:
                     f'| {r.candidate} | {s.mode} | {s.memory_format} | {s.dtype} | {s.batch_size} '
                     f'| {s.img_size} | {r.peak_mem_mib:.0f} | {_fmt(r.vs_reference, "{:.2f}x")} |')
         if self.targets:
-            lines += ['', '### Targets', '', '| target | measured | needed | met | measured (CPU time) |',
+            lines += ['', '### Ratios', '', '| ratio | measured | needed | met | measured (CPU time) |',
                       '|---|---:|---:|---|---:|']
             for t in self.targets:
                 op = '<=' if t['kind'] == 'memory' else '>='
+                needed = '-' if t['threshold'] is None else f'{op} {t["threshold"]:.2f}x'
                 lines.append(
                     f'| {t["description"]} ({t["setting"]}) | {_fmt(t["measured"], "{:.2f}x")} '
-                    f'| {op} {t["threshold"]:.2f}x | {_fmt(t["met"], "{}")} | {_fmt(t["cpu_measured"], "{:.2f}x")} |')
+                    f'| {needed} | {_fmt(t["met"], "{}")} | {_fmt(t["cpu_measured"], "{:.2f}x")} |')
         lines += ['', f'logits within {self.config["tol"]:g} of the reference (fp32): {_fmt(self.logits_ok, "{}")}']
         lines += [f'- {n}' for n in self.notes]
         return '\n'.join(lines) + '\n'
 
     def save(self, json_path: Optional[str] = None, markdown_path: Optional[str] = None) -> None:
         """Write the JSON and/or markdown report atomically."""
-        if json_path:
-            _atomic_write(json_path, json.dumps(self.to_dict(), indent=2) + '\n')
-        if markdown_path:
-            _atomic_write(markdown_path, self.to_markdown())
+        save_report(self.to_dict(), self.to_markdown(), json_path, markdown_path)
+
+
+def save_report(data: Dict[str, Any], markdown: str, json_path: Optional[str], markdown_path: Optional[str]) -> None:
+    """Write a report's JSON and/or markdown atomically."""
+    if json_path:
+        _atomic_write(json_path, json.dumps(data, indent=2) + '\n')
+    if markdown_path:
+        _atomic_write(markdown_path, markdown)
 
 
 def _fmt(value, pattern: str) -> str:
@@ -228,15 +206,16 @@ def build_candidates(
     return {k: m.eval() for k, m in candidates.items()}
 
 
-def optimized_for(model: nn.Module, mode: str) -> nn.Module:
+def optimized_for(model: nn.Module, mode: str, without: Sequence[str] = ()) -> nn.Module:
     """Ours with the documented one-line CPU setting of ``mode`` (the input may stay NCHW):
     ``epsanet.optimize_for_inference(model)`` for ``'infer'``, ``epsanet.optimize_for_training(model)``
-    for ``'train'`` (both store the weights channels_last and autotune the PSA branch convs)."""
+    for ``'train'`` (both store the weights channels_last); ``without``
+    leaves mechanisms off (:data:`epsanet.optimize.transforms.MECHANISMS`)."""
     from .optimize import optimize_for_inference, optimize_for_training
 
     if mode == 'infer':
-        return optimize_for_inference(model.eval())
-    return optimize_for_training(model)
+        return optimize_for_inference(model.eval(), without=without)
+    return optimize_for_training(model, without=without)
 
 
 def _in_setting_format(model: nn.Module, setting: Setting) -> nn.Module:
@@ -307,43 +286,7 @@ def time_setting(
 ) -> List[Row]:
     """Time every candidate in ``setting``, interleaved, and return one row per candidate."""
     steps = {n: _make_step(m, setting, compiled, seed)[0] for n, m in candidates.items()}
-    return _time_steps(steps, setting, reps, warmup + (1 if compiled else 0), compiled, tick)
-
-
-def _time_steps(steps: Dict[str, Callable[[], Any]], setting: Setting, reps: int, warmup: int = 1,
-                compiled: bool = False, tick: Optional[Callable[[], None]] = None) -> List[Row]:
-    """Run each step ``warmup`` times, then ``reps`` times interleaved in a rotating order; one row each."""
-    names = list(steps)
-    for _ in range(warmup):
-        for n in names:
-            steps[n]()
-    times: Dict[str, List[float]] = {n: [] for n in names}
-    cpu: Dict[str, List[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no fixed position
-        for n in order:
-            c0, t0 = time.process_time(), time.perf_counter()
-            steps[n]()
-            times[n].append((time.perf_counter() - t0) * 1000)
-            cpu[n].append((time.process_time() - c0) * 1000)
-            if tick is not None:
-                tick()
-    rows = []
-    for n in names:
-        med = _median(times[n])
-        rows.append(Row(n, setting, compiled, times[n], med, min(times[n]), setting.batch_size * 1000. / med,
-                        cpu_ms=_median(cpu[n])))
-    ref = next((r for r in rows if r.candidate == REFERENCE), None)
-    if ref is not None:
-        for r in rows:
-            r.vs_reference = r.img_per_s / ref.img_per_s
-            r.cpu_vs_reference = ref.cpu_ms / r.cpu_ms
-    return rows
-
-
-def _median(values: Sequence[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+    return time_steps(steps, setting, reps, warmup + (1 if compiled else 0), compiled, tick)
 
 
 def measure_peak_memory(
@@ -354,11 +297,13 @@ def measure_peak_memory(
         steps: int = 2,
         timeout: float = 900.,
         grad_checkpointing: bool = False,
+        without: Sequence[str] = (),
 ) -> float:
     """Peak RSS growth (MiB) of a fresh process running ``steps`` steps of one candidate
-    (``grad_checkpointing``: after timm's ``model.set_grad_checkpointing()``)."""
+    (``grad_checkpointing``: after timm's ``model.set_grad_checkpointing()``; ``without``: see
+    :func:`optimized_for`)."""
     spec = dict(candidate=candidate, model=model_name, setting=asdict(setting), optimize=optimize, steps=steps,
-                threads=torch.get_num_threads(), grad_checkpointing=grad_checkpointing)
+                threads=torch.get_num_threads(), grad_checkpointing=grad_checkpointing, without=list(without))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     proc = subprocess.run(
         [sys.executable, '-m', 'epsanet.benchmark', '--probe', json.dumps(spec)],
@@ -402,7 +347,7 @@ def _probe(spec: Dict[str, Any]) -> Dict[str, float]:
     else:
         model = timm.create_model(name)
         if spec['optimize'] and name == spec['model']:
-            model = optimized_for(model, spec['setting']['mode'])
+            model = optimized_for(model, spec['setting']['mode'], spec.get('without', ()))
     if spec.get('grad_checkpointing'):
         model.set_grad_checkpointing(True)
     setting = Setting(**spec['setting'])
@@ -479,35 +424,49 @@ def _best(pool: List[Row], name: str, mode: str, main: Setting) -> Optional[Row]
     return max(rows, key=lambda r: r.img_per_s, default=None)
 
 
-def _evaluate_targets(model_name: str, rows: List[Row], memory_rows: List[Row], main: Setting) -> List[Dict]:
+def load_thresholds(path: str) -> Dict[str, float]:
+    """``{ratio description: threshold}`` from a JSON file (see ``scripts/benchmark_targets.json``); a speed ratio
+    meets its threshold at or above it, a memory ratio at or below it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f'Cannot read the thresholds file {path}: {e}') from e
+    known = {r[0] for r in RATIOS}
+    if not isinstance(data, dict) or not all(k in known and isinstance(v, (int, float)) for k, v in data.items()):
+        raise ValueError(f'{path} must map ratio descriptions to numbers; the descriptions are: {", ".join(known)}.')
+    return {k: float(v) for k, v in data.items()}
+
+
+def _evaluate_targets(model_name: str, rows: List[Row], memory_rows: List[Row], main: Setting,
+                      thresholds: Dict[str, float]) -> List[Dict]:
     out = []
-    for desc, mode, other, kind, threshold in TARGETS:
+    for desc, mode, other, kind in RATIOS:
         cpu_measured = None
+        threshold = thresholds.get(desc)
         if kind == 'memory':
             a, b = _pick(memory_rows, model_name, mode, 'nchw', None), _pick(memory_rows, other, mode, 'nchw', None)
             if a is None or b is None:
                 continue
             measured = a.peak_mem_mib / b.peak_mem_mib if b.peak_mem_mib else None
-            met = None if measured is None else measured <= threshold
+            met = None if measured is None or threshold is None else measured <= threshold
         else:
             a, b = _pick(rows, model_name, mode, 'nchw', main), _best(rows, other, mode, main)
             if a is None or b is None:
                 continue
             measured = a.img_per_s / b.img_per_s
-            met = measured >= threshold
+            met = None if threshold is None else measured >= threshold
             cpu_measured = b.cpu_ms / a.cpu_ms if a.cpu_ms and b.cpu_ms else None
         out.append(dict(description=desc, setting=f'{a.setting.label()} vs {b.candidate} {b.setting.memory_format}',
                         kind=kind, threshold=threshold, measured=measured, met=met, cpu_measured=cpu_measured))
     return out
 
 
-def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: int, threads: int,
-                     tick: Optional[Callable[[], None]] = None, int8: bool = False) -> List[Row]:
-    """Export each candidate with ``epsanet export``'s ONNX writer (checked against PyTorch) and time
-    onnxruntime's CPU session on it, interleaved; rows have mode ``onnxruntime``. With ``int8`` each file is
-    first quantized as ``epsanet quantize`` does (:func:`epsanet.quantize.quantize_onnx_file`), calibrated on
-    random batches, which times the int8 graph but says nothing of its accuracy; rows have mode
-    ``onnxruntime-int8``."""
+def onnxruntime_steps(candidates: Dict[str, nn.Module], setting: Setting, threads: int,
+                      int8: bool = False) -> Dict[str, Callable[[], Any]]:
+    """One onnxruntime CPU inference step per candidate, exported with ``epsanet export``'s ONNX writer (checked
+    against PyTorch); with ``int8`` each file is first quantized as ``epsanet quantize`` does
+    (:func:`epsanet.quantize.quantize_onnx_file`), calibrated on random batches, which times the int8 graph but
+    says nothing of its accuracy."""
     from .export import export_model, onnxruntime_session
     from .quantize import quantize_onnx_file
 
@@ -526,10 +485,17 @@ def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: i
             sessions[name] = onnxruntime_session(path, threads)
     x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size,
                     generator=torch.Generator().manual_seed(0)).numpy()
-    steps = {n: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for n, s in sessions.items()}
+    return {n: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for n, s in sessions.items()}
+
+
+def time_onnxruntime(candidates: Dict[str, nn.Module], setting: Setting, reps: int, threads: int,
+                     tick: Optional[Callable[[], None]] = None, int8: bool = False) -> List[Row]:
+    """Time :func:`onnxruntime_steps` of every candidate, interleaved; rows have mode ``onnxruntime`` (or
+    ``onnxruntime-int8`` with ``int8``)."""
+    steps = onnxruntime_steps(candidates, setting, threads, int8)
     ort_setting = Setting(ONNXRUNTIME_INT8 if int8 else ONNXRUNTIME, setting.batch_size, setting.img_size, 'nchw',
                           'int8' if int8 else 'fp32')
-    return _time_steps(steps, ort_setting, reps, warmup=1, tick=tick)
+    return time_steps(steps, ort_setting, reps, warmup=1, tick=tick)
 
 
 def run_benchmark(
@@ -553,6 +519,7 @@ def run_benchmark(
         tol: float = 1e-4,
         seed: int = 0,
         progress: bool = True,
+        thresholds: Optional[Dict[str, float]] = None,
 ) -> BenchmarkReport:
     """Measure ``model_name`` against the reference and ``baselines``; see the module docstring.
 
@@ -565,7 +532,7 @@ def run_benchmark(
     measurement starts a fresh process (a few seconds each). ``runtimes`` with ``'onnxruntime'`` adds
     inference rows (mode ``onnxruntime``) of every candidate exported to ONNX and run by onnxruntime's
     CPU session at ``batch_size`` and ``img_size``; ``'onnxruntime-int8'`` the same for the int8 files
-    (speed only; no target uses them).
+    (speed only; no ratio uses them). ``thresholds`` (:func:`load_thresholds`) marks each ratio met or not.
     """
     from .progress import progress as bar_for
 
@@ -620,7 +587,7 @@ def run_benchmark(
     if ort_runtimes:
         plain = build_candidates(model_name, baselines, seed=seed)
         if optimize:  # ours as `epsanet export --format onnx` writes it: branch forms timed in onnxruntime
-            from .optimize.onnx_forms import optimize_for_onnxruntime
+            from .export import optimize_for_onnxruntime
             plain[model_name] = optimize_for_onnxruntime(plain[model_name], (3, img_size, img_size), batch_size)
         for runtime in ort_runtimes:
             with bar_for(total=len(plain) * reps, desc=runtime, enabled=progress, unit='step') as bar:
@@ -651,12 +618,12 @@ def run_benchmark(
                   train_reps=train_reps, measure_memory=measure_memory, memory_batch_size=memory_batch_size,
                   memory_modes=list(memory_modes), runtimes=list(runtimes),
                   optimize=optimize, tol=tol, seed=seed)
-    targets = _evaluate_targets(model_name, rows, memory_rows, Setting('infer', batch_size, img_size))
+    targets = _evaluate_targets(model_name, rows, memory_rows, Setting('infer', batch_size, img_size), thresholds or {})
     notes = []
     if optimize:
         notes.append(f'{model_name} runs with its one-line CPU setting: inference after '
                      '`epsanet.optimize_for_inference(model)`, training after `epsanet.optimize_for_training(model)` '
-                     '(both autotune the PSA branch convs on this CPU and store the weights channels_last). The '
+                     '(both store the weights channels_last). The '
                      'format column is the input\'s; in NCHW rows the other models run as created.')
     return BenchmarkReport(model_name, rows, memory_rows, targets, config, _environment(), logits_ok, notes)
 

@@ -155,11 +155,11 @@ def _compare(sessions: Dict[str, Any], batches: Iterator[tuple]) -> Dict[str, An
 def _speed(sessions: Dict[str, Any], batch_size: int, img_size: int, reps: int) -> Dict[str, Any]:
     """img/s of each session on one random batch, timed as ``epsanet benchmark`` times its candidates
     (interleaved in a rotating order, median of ``reps`` runs)."""
-    from .benchmark import Setting, _time_steps
+    from .timing import Setting, time_steps
 
     x = np.random.default_rng(0).standard_normal((batch_size, 3, img_size, img_size), dtype=np.float32)
     steps = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
-    speed = {r.candidate: r.img_per_s for r in _time_steps(steps, Setting('onnxruntime', batch_size, img_size), reps)}
+    speed = {r.candidate: r.img_per_s for r in time_steps(steps, Setting('onnxruntime', batch_size, img_size), reps)}
     return dict(speed_batch_size=batch_size, img_per_s_float32=round(speed['float32'], 2),
                 img_per_s_int8=round(speed['int8'], 2), int8_speedup=round(speed['int8'] / speed['float32'], 3))
 
@@ -208,8 +208,7 @@ def quantize_onnx_file(path: str, output: str, calibration: Iterable[torch.Tenso
 def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
     """Write ``cfg.output``, an int8 ONNX model of the weights, and return what it cost (see the module
     docstring): file sizes, top-1 of float32 and int8 on ``eval_split``, and their speed on this CPU."""
-    from .export import export_model, onnxruntime_session
-    from .optimize.onnx_forms import optimize_for_onnxruntime
+    from .export import export_model, onnxruntime_session, optimize_for_onnxruntime
 
     _check(cfg)
     check_output_file(cfg.results_file, config_inputs(cfg), cfg.overwrite, '--results-file')
@@ -260,7 +259,7 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
 
 
 def _cpu() -> str:
-    from .optimize.autotune import cpu_signature
+    from .benchmark import _environment
 
-    model, isa, threads, _ = cpu_signature()
-    return f'{model} ({isa}, {threads} threads)'
+    env = _environment()
+    return f'{env["cpu"]} ({torch.backends.cpu.get_cpu_capability()}, {env["threads"]} threads)'

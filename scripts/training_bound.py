@@ -5,14 +5,12 @@ EPSANet-50 is resnet50 with each bottleneck's 3x3 conv replaced by a PSA layer: 
 convs, every BatchNorm and ReLU, the shortcuts and the classifier are the same layers at the same
 shapes. Run with PyTorch's kernels, as resnet50 runs them, they cost resnet50's step *without its 3x3
 convs* (measured here by replacing them with identity, or a strided pick for the downsampling blocks);
-our step is that plus the PSA layers. (``optimize_for_training`` runs the BatchNorms in fused kernels
-that resnet50 does not have, which takes a little off the shared part; the bound does not count that.)
+our step is that plus the PSA layers.
 
 The bound assumes the PSA layers cost nothing but their branch convs, and that those run at the same
 speed per multiply-add as resnet50's dense 3x3 convs. Both are optimistic: the attention, concatenation
 and gradient accumulation cost time, and grouped convs with 5x5 to 9x9 kernels and few channels per
-group run fewer multiply-adds per second than a dense 3x3 conv at most shapes, in every form the
-autotuner tries.
+group run fewer multiply-adds per second than a dense 3x3 conv at most shapes.
 
     shared = step(resnet50 without its 3x3 convs)
     bound  = shared + (PSA branch MACs / resnet50's 3x3 MACs) * (step(resnet50) - shared)
@@ -34,9 +32,10 @@ import torch
 from timm.models.resnet import Bottleneck
 from torch import nn
 
-from epsanet.benchmark import REFERENCE, Setting, _make_step, _time_steps, build_candidates, optimized_for
+from epsanet.benchmark import _make_step, build_candidates, optimized_for
 from epsanet.layers import PyramidSqueezeAttention
 from epsanet.models.flops import count_conv_macs
+from epsanet.timing import REFERENCE, Setting, time_steps
 
 WITHOUT_3X3 = 'without 3x3 convs'
 
@@ -83,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             steps[name] = _make_step(model, channels_last, False, 0)[0]
     print(f'Timing {len(steps)} training steps, {args.reps} times each, interleaved '
           f'(batch {args.batch_size}, {args.img_size} px, {torch.get_num_threads()} threads)...', flush=True)
-    rows = {r.candidate: r for r in _time_steps(steps, channels_last, args.reps, warmup=2)}
+    rows = {r.candidate: r for r in time_steps(steps, channels_last, args.reps, warmup=2)}
 
     full = rows[args.baseline].median_ms
     shared = rows[f'{args.baseline} {WITHOUT_3X3}'].median_ms

@@ -52,7 +52,7 @@ def test_run_benchmark_tiny(tmp_path):
     assert data['config']['optimize'] is True
     md = (tmp_path / 'b.md').read_text()
     assert md.startswith('### epsanet50') and '| epsanet50 | infer | nchw | fp32 | 2 | 32 |' in md
-    assert '### Targets' in md
+    assert '### Ratios' in md
 
 
 @pytest.mark.slow
@@ -125,3 +125,56 @@ def test_onnxruntime_int8_rows(tmp_path):
     assert not [t for t in report.targets if 'onnxruntime' in t['description']]
     with pytest.raises(ValueError, match='Unknown runtime'):
         run_benchmark('epsanet50', runtimes=('tensorrt',), **TINY)
+
+
+def test_thresholds_come_from_a_file_and_mark_each_ratio(tmp_path):
+    """The package holds no thresholds: ``scripts/benchmark_targets.json`` (or any such file) supplies them."""
+    from pathlib import Path
+
+    from epsanet.benchmark import RATIOS, _evaluate_targets, load_thresholds
+    from epsanet.timing import Row
+
+    shipped = load_thresholds(str(Path(__file__).resolve().parents[1] / 'scripts' / 'benchmark_targets.json'))
+    assert set(shipped) == {r[0] for r in RATIOS}
+    main_setting = Setting('infer', 2, 32)
+    rows = [Row(name, main_setting, False, [1.], 1., 1., speed) for name, speed in
+            (('epsanet50', 10.), (REFERENCE, 5.), ('resnet50', 20.))]
+    marked = {t['description']: t for t in _evaluate_targets('epsanet50', rows, [], main_setting, shipped)}
+    assert marked['inference, ours vs reference (best format)']['met'] is True  # 2.0x >= 1.3x
+    assert marked['inference, ours vs resnet50 (best format)']['met'] is False  # 0.5x < 0.9x
+    unmarked = _evaluate_targets('epsanet50', rows, [], main_setting, {})
+    assert all(t['threshold'] is None and t['met'] is None for t in unmarked)
+    bad = tmp_path / 't.json'
+    bad.write_text('{"no such ratio": 1}')
+    with pytest.raises(ValueError, match='ratio descriptions'):
+        load_thresholds(str(bad))
+    assert main(['benchmark', '--targets', str(tmp_path / 'missing.json'), '--no-progress']) == 2
+
+
+def test_ablation_changes_are_per_repeat_ratios_to_the_full_model():
+    from epsanet.ablation import FULL, _rows
+
+    rows = _rows('train', {FULL: [(100., 50.), (200., 60.), (100., 50.)],
+                           'fast_psa': [(110., 55.), (180., 66.), (130., 50.)]})
+    (row,) = rows
+    assert row.mechanism == 'fast_psa' and row.full == 100. and row.without == 130.
+    assert row.changes == pytest.approx([0.1, -0.1, 0.3]) and row.worth == pytest.approx(0.1)
+    assert row.cpu_changes == pytest.approx([0.1, 0.1, 0.])
+    assert _rows('memory', {FULL: [(10., None)], 'recompute_stem': [(12., None)]})[0].cpu_changes is None
+
+
+@pytest.mark.slow
+def test_ablation_tiny(tmp_path, capsys):
+    """``epsanet benchmark --ablate``: one row per mechanism and figure it exists for, markdown and JSON."""
+    from epsanet.ablation import WORTH
+    from epsanet.optimize.transforms import MECHANISMS
+
+    out = tmp_path / 'a.json'
+    assert main(['benchmark', '--ablate', '--figures', 'infer', 'train', '--batch-size', '1', '--img-size', '32',
+                 '--repeats', '1', '--no-progress', '--json', str(out)]) == 0
+    data = json.loads(out.read_text())
+    expected = {(m, f) for m in MECHANISMS for f in WORTH[m][1] if f in ('infer', 'train')}
+    assert {(r['mechanism'], r['figure']) for r in data['rows']} == expected
+    assert all(len(r['changes']) == 1 and r['full'] > 0 and r['without'] > 0 for r in data['rows'])
+    assert '| mechanism | figure | with it | without it | worth (median) |' in capsys.readouterr().out
+    assert main(['benchmark', '--ablate', '--repeats', '0', '--no-progress']) == 2

@@ -23,8 +23,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--batch-sweep', nargs='*', type=int, default=[1, 16], help='extra inference batch sizes')
     p.add_argument('--img-sweep', nargs='*', type=int, default=[160, 288], help='extra inference image sizes')
     p.add_argument('--compile', action='store_true', help='also measure torch.compile (minutes of warm-up)')
-    p.add_argument('--reps', type=int, default=9, help='timed inference runs per candidate (median)')
-    p.add_argument('--train-reps', type=int, default=9, help='timed training steps per candidate (median)')
+    p.add_argument('--reps', type=int, default=None,
+                   help='timed inference runs per candidate (median; default 9; with --ablate: per arm and repeat, 3)')
+    p.add_argument('--train-reps', type=int, default=None,
+                   help='timed training steps per candidate (default 9; with --ablate: per arm and repeat, 1)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory probes')
     p.add_argument('--memory-batch-size', type=int, default=16)
     p.add_argument('--memory-modes', nargs='*', default=['train'], choices=['infer', 'train'])
@@ -38,7 +40,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         'onnxruntime-int8: the same files quantized to int8 as epsanet quantize does (calibrated '
                         'on random batches: speed only)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
-    p.add_argument('--json', default='benchmark.json', help='JSON output path (default: benchmark.json)')
+    p.add_argument('--targets', default=None, metavar='FILE',
+                   help='JSON file of thresholds for the ratios (e.g. scripts/benchmark_targets.json): marks each met')
+    p.add_argument('--ablate', action='store_true',
+                   help='instead: turn each speed mechanism of epsanet.optimize off in turn and print what it is worth '
+                        'in the figure it exists for (about 10 minutes at the defaults on 2 cores)')
+    p.add_argument('--repeats', type=int, default=3, help='with --ablate: interleaved repeats (default 3)')
+    p.add_argument('--figures', nargs='+', default=['infer', 'train', 'memory', 'onnxruntime'],
+                   choices=['infer', 'train', 'memory', 'onnxruntime'],
+                   help='with --ablate: the figures to measure (memory: peak training memory at --batch-size)')
+    p.add_argument('--json', default=None,
+                   help='JSON output path (default: benchmark.json; with --ablate: ablation.json)')
     p.add_argument('--markdown', default=None, help='also write the markdown table to this path')
     p.add_argument('--no-progress', action='store_true')
     add_overwrite_argument(p)
@@ -48,7 +60,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmark import run_benchmark
     from . import CLIError
 
     for flag, path in (('--json', args.json), ('--markdown', args.markdown)):  # before minutes of timing
@@ -60,16 +71,32 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f'--threads must be >= 1, got {args.threads}.')
         torch.set_num_threads(args.threads)
     try:
-        report = run_benchmark(
-            args.model, batch_size=args.batch_size, img_size=args.img_size, modes=args.modes,
-            memory_formats=args.formats, dtypes=args.dtypes, baselines=args.baselines,
-            batch_sweep=args.batch_sweep, img_sweep=args.img_sweep, compile=args.compile, reps=args.reps,
-            train_reps=args.train_reps, measure_memory=not args.no_memory, memory_batch_size=args.memory_batch_size,
-            memory_modes=args.memory_modes, optimize=args.optimize, runtimes=args.runtime,
-            progress=not args.no_progress)
+        if args.ablate:
+            from ..ablation import run_ablation
+
+            report = run_ablation(
+                args.model, batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats,
+                figures=args.figures, infer_steps=_or(args.reps, 3), train_steps=_or(args.train_reps, 1),
+                progress=not args.no_progress)
+        else:
+            from ..benchmark import load_thresholds, run_benchmark
+
+            report = run_benchmark(
+                args.model, batch_size=args.batch_size, img_size=args.img_size, modes=args.modes,
+                memory_formats=args.formats, dtypes=args.dtypes, baselines=args.baselines,
+                batch_sweep=args.batch_sweep, img_sweep=args.img_sweep, compile=args.compile, reps=_or(args.reps, 9),
+                train_reps=_or(args.train_reps, 9), measure_memory=not args.no_memory,
+                memory_batch_size=args.memory_batch_size, memory_modes=args.memory_modes, optimize=args.optimize,
+                runtimes=args.runtime, progress=not args.no_progress,
+                thresholds=load_thresholds(args.targets) if args.targets else None)
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(report.to_markdown())
-    report.save(json_path=args.json, markdown_path=args.markdown)
-    print(f'wrote {args.json}' + (f' and {args.markdown}' if args.markdown else ''))
+    json_path = args.json or ('ablation.json' if args.ablate else 'benchmark.json')
+    report.save(json_path=json_path, markdown_path=args.markdown)
+    print(f'wrote {json_path}' + (f' and {args.markdown}' if args.markdown else ''))
     return 0
+
+
+def _or(value, default):
+    return default if value is None else value

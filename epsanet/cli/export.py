@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f'the weights do not fit {args.model}: {e}\nIs --num-classes the checkpoint\'s?') from e
         raise
     if args.format == 'onnx' and args.onnx_forms == 'auto':
-        from ..optimize.onnx_forms import optimize_for_onnxruntime
+        from ..export import optimize_for_onnxruntime
         model = optimize_for_onnxruntime(model, input_size=(args.in_chans, args.img_size, args.img_size),
                                          batch_size=args.batch_size)
     try:

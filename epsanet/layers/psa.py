@@ -112,19 +112,6 @@ class PyramidSqueezeAttention(nn.Module):
         self.stride = stride
         self.dilation = dilation
 
-    @classmethod
-    def from_layer(cls, psa: 'PyramidSqueezeAttention') -> 'PyramidSqueezeAttention':
-        """A layer of this class (a subclass with another forward) holding ``psa``'s own branch convs and SE
-        module (no copies) and its settings."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name in ('in_chs', 'out_chs', 'num_branches', 'branch_chs', 'split_input', 'kernel_sizes', 'groups',
-                     'stride', 'dilation', 'training'):
-            setattr(new, name, getattr(psa, name))
-        new.convs = psa.convs
-        new.se = psa.se
-        return new
-
     def extra_repr(self) -> str:
         return (
             f'{self.in_chs}, {self.out_chs}, kernel_sizes={self.kernel_sizes}, groups={self.groups}, '

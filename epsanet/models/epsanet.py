@@ -104,15 +104,11 @@ class PSABottleneck(nn.Module):
         x = self.conv2(x)
         x = self.aa(self.act2(self.drop_block(self.bn2(x))))
         x = self.conv3(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self._norm_add_act(x, shortcut)
-
-    def _norm_add_act(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """``act3(drop_path(bn3(x)) + shortcut)``: the block's end, which the CPU training transform fuses."""
         x = self.bn3(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
         x += shortcut
         return self.act3(x)
 

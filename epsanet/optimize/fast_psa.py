@@ -1,71 +1,55 @@
 """``FastPSA``: the PSA layer as the CPU transforms run it; same parameters, same numbers.
 
-Two changes from :class:`~epsanet.layers.PyramidSqueezeAttention`, each switched on by a transform:
+One change from :class:`~epsanet.layers.PyramidSqueezeAttention`, switched on by the training transform
+(``save_output_for_backward``): autograd keeps the layer's output instead of the branch features. The
+attention gradient is recovered from the output, since the attention weights are
+``>= 1 / (1 + (S - 1) e) > 0``. Only for a layer whose output is not changed in place afterwards, such
+as one followed by a BatchNorm, which keeps that same tensor: then it saves one feature map per layer.
+An in-place change of the output makes autograd raise its usual error. The branch outputs are not
+concatenated first: each is scaled straight into its slice of the output, and the backward pass hands
+every branch conv its own gradient, laid out as the conv's output was (no copy of a strided slice).
 
-* ``save_output_for_backward`` (training): autograd keeps the layer's output instead of the branch
-  features. The attention gradient is recovered from the output, since the attention weights are
-  ``>= 1 / (1 + (S - 1) e) > 0``. Only for a layer whose output is not changed in place afterwards,
-  such as one followed by a BatchNorm, which keeps that same tensor: then it saves one feature map
-  per layer. An in-place change of the output makes autograd raise its usual error. The branch
-  outputs are not concatenated first: each is scaled straight into its slice of the output, and the
-  backward pass hands every branch conv its own gradient, laid out as the conv's output was (no copy
-  of a strided slice).
-* ``out_scale`` / ``out_shift`` (inference): a per-channel affine map, e.g. the eval-mode BatchNorm
-  that follows the layer, computed in the same pass as the attention product
-  (``feats * (attn * scale) + shift``: one pass over the features instead of two).
-
-The branch convs are whatever modules the layer holds (:class:`~epsanet.optimize.tuned_conv.TunedConv2d`
-after the transforms), called as modules; so is the SE module.
+The branch convs and the SE module are the layer's own, called as modules.
 """
-from typing import Optional, Sequence
+from typing import Sequence, Type
 
 import torch
 
 from ..layers.psa import PyramidSqueezeAttention
-from .conv_forms import is_channels_last
 
-__all__ = ['FastPSA']
+__all__ = ['FastPSA', 'psa_sharing_modules']
+
+
+def psa_sharing_modules(cls: Type[PyramidSqueezeAttention], psa: PyramidSqueezeAttention) -> PyramidSqueezeAttention:
+    """A ``cls`` (a PSA subclass with another forward) with ``psa``'s settings and train/eval mode, holding ``psa``'s
+    own branch convs and SE module (no copies: the same parameters and state-dict keys)."""
+    new = cls(psa.in_chs, psa.out_chs, psa.stride, psa.dilation, psa.kernel_sizes, psa.groups, psa.split_input,
+              rd_channels=psa.se.fc1.out_channels, act_layer=type(psa.se.act), device='meta')
+    new.convs, new.se = psa.convs, psa.se
+    return new.train(psa.training)
 
 
 class FastPSA(PyramidSqueezeAttention):
     """See the module docstring. Build it with :meth:`from_psa`."""
 
-    out_scale: Optional[torch.Tensor]
-    out_shift: Optional[torch.Tensor]
-
     @classmethod
     def from_psa(cls, psa: PyramidSqueezeAttention, save_output_for_backward: bool = False) -> 'FastPSA':
         """A ``FastPSA`` holding ``psa``'s own submodules (branch convs and SE module; no copies)."""
-        new = cls.from_layer(psa)
+        new = psa_sharing_modules(cls, psa)
         new.save_output_for_backward = save_output_for_backward
-        new.register_buffer('out_scale', None)
-        new.register_buffer('out_shift', None)
         return new
 
-    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        """From now on return ``out * scale + shift`` (per channel) instead of ``out``."""
-        if self.out_scale is not None or self.out_shift is not None:
-            raise ValueError('This PSA layer already has an output affine map folded in.')
-        if scale.shape != (self.out_chs,) or shift.shape != (self.out_chs,):
-            raise ValueError(f'scale and shift need shape ({self.out_chs},): got {tuple(scale.shape)} '
-                             f'and {tuple(shift.shape)}.')
-        self.out_scale = scale.detach().clone()
-        self.out_shift = shift.detach().clone()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.save_output_for_backward and torch.is_grad_enabled() and self.out_scale is None:
-            outs = self.branch_outputs(x)
-            attn = self.attention_from_pooled(torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1))
-            return _ScaleConcatSavingOutput.apply(attn, *outs)
-        feats = self.branch_features(x)
-        attn = self.attention(feats)
-        if self.out_scale is not None and self.out_shift is not None:
-            return torch.addcmul(self.out_shift.view(1, -1, 1, 1), feats, attn * self.out_scale.view(1, -1, 1, 1))
-        return feats * attn
+        if not (self.save_output_for_backward and torch.is_grad_enabled()):
+            return super().forward(x)
+        outs = self.branch_outputs(x)
+        attn = self.attention_from_pooled(torch.cat([o.mean(dim=(2, 3)) for o in outs], dim=1))
+        return _ScaleConcatSavingOutput.apply(attn, *outs)
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _empty_concat(feats: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -3,19 +3,13 @@
 In eval mode a BatchNorm is a fixed per-channel affine map, so a conv followed directly by a
 BN equals one conv with scaled weights and a bias. EPSANet folds every such pair: the stem,
 ``conv1/bn1`` and ``conv3/bn3`` of each block and the shortcut's conv/BN. The BN after PSA
-(``bn2``) cannot go into the branch convs (the attention sits between them and it); it goes into
-the attention product instead (:meth:`~epsanet.optimize.fast_psa.FastPSA.fold_output_affine`),
-which then costs one pass over the features instead of two. Outputs match the unfolded model
+(``bn2``) stays: the attention sits between it and the branch convs. Outputs match the unfolded model
 within float rounding (about 1e-6 relative); training needs the unfolded model.
 """
 from typing import Tuple
 
-import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-from ..layers.psa import PyramidSqueezeAttention
-from .fast_psa import FastPSA
 
 __all__ = ['fold_batchnorm']
 
@@ -32,21 +26,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return type(conv) is nn.Conv2d and _is_fixed_affine(bn, conv.out_channels)
 
 
-def _foldable_into_psa(psa: nn.Module, bn: nn.Module) -> bool:
-    return (isinstance(psa, PyramidSqueezeAttention) and getattr(psa, 'out_scale', None) is None
-            and _is_fixed_affine(bn, psa.out_chs))
-
-
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel in eval mode."""
-    invstd = torch.rsqrt(bn.running_var + bn.eps)
-    scale = invstd if bn.weight is None else bn.weight * invstd
-    shift = -bn.running_mean * scale if bn.bias is None else bn.bias - bn.running_mean * scale
-    return scale, shift
-
-
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold conv -> BN pairs of an EPSANet (timm ``ResNet`` with PSA blocks) in place; returns it.
+    """Fold the conv -> BN pairs of an EPSANet (timm ``ResNet`` with PSA blocks) in place; returns it.
 
     Raises:
         ValueError: if ``model`` is in training mode (batch statistics cannot be folded).
@@ -62,11 +43,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 if conv is not None and bn is not None and _foldable(conv, bn):
                     setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
                     setattr(module, bn_name, nn.Identity())
-        if isinstance(module, PSABottleneck) and _foldable_into_psa(module.conv2, module.bn2):
-            if not isinstance(module.conv2, FastPSA):
-                module.conv2 = FastPSA.from_psa(module.conv2)
-            module.conv2.fold_output_affine(*_bn_scale_shift(module.bn2))
-            module.bn2 = nn.Identity()
         if isinstance(module, PSABottleneck) and isinstance(module.downsample, nn.Sequential):
             ds = module.downsample
             if len(ds) == 2 and _foldable(ds[0], ds[1]):

@@ -1,5 +1,5 @@
-"""optimize_for_training / optimize_for_inference against the plain model, with every form the autotuner
-can pick: outputs, input and weight gradients, BatchNorm statistics; and what they keep unchanged."""
+"""optimize_for_training / optimize_for_inference against the plain model: outputs, input and weight
+gradients, BatchNorm statistics; and what they keep unchanged."""
 import copy
 import logging
 
@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import epsanet
-from epsanet.optimize import FastPSA, TunedConv2d, autotune, is_optimized
-
-FORCED = [None, 'grouped_nchw,nchw,nchw', 'grouped_cl,cl,cl', 'depthwise_nchw,cl,fft', 'depthwise_cl,nchw,fft']
+from epsanet.optimize import FastPSA, is_optimized
 
 
 def _model(name='epsanet50', dtype=torch.float64):
@@ -34,15 +32,12 @@ def _step(model, x, target):
     return out.detach(), x.grad
 
 
-@pytest.mark.parametrize('forced', FORCED, ids=lambda f: f or 'autotuned')
 @pytest.mark.parametrize('name', ['epsanet50', 'epsanet50_large'])
-def test_training_transform_equals_the_plain_model(monkeypatch, forced, name):
-    if forced:
-        monkeypatch.setenv(autotune.ENV_FORMS, forced)
+def test_training_transform_equals_the_plain_model(name):
     plain = _model(name).train()
     fast = epsanet.optimize_for_training(copy.deepcopy(plain))
     assert is_optimized(fast) and not is_optimized(plain)
-    assert sum(isinstance(m, TunedConv2d) for m in fast.modules()) == 64
+    assert sum(isinstance(m, FastPSA) for m in fast.modules()) == 16
     x, target = torch.randn(2, 3, 48, 48, dtype=torch.float64), torch.tensor([1, 3])
     out_a, gx_a = _step(plain, x, target)
     out_b, gx_b = _step(fast, x, target)
@@ -91,14 +86,13 @@ def test_training_transform_keeps_the_mode_and_is_idempotent():
     assert not model.training
     again = epsanet.optimize_for_training(model)
     assert sum(isinstance(m, FastPSA) for m in again.modules()) == 16
-    assert sum(isinstance(m, TunedConv2d) for m in again.modules()) == 64
 
 
 def test_inference_transform_folds_and_cannot_train():
     model = epsanet.optimize_for_inference(_model(dtype=torch.float32))
     assert not model.training
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert all(m.out_scale is not None for m in model.modules() if isinstance(m, FastPSA))
+    assert all(n.endswith('.bn2') for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not any(isinstance(m, FastPSA) for m in model.modules())  # it pays in training only
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -113,3 +107,26 @@ def test_not_on_cpu_nothing_changes_and_one_line_says_so(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f'{fn}: the model is on meta, not the CPU; nothing changed (these transforms are CPU-specific).'
         for fn in ('optimize_for_training', 'optimize_for_inference')]
+
+
+def test_without_leaves_each_mechanism_off_and_keeps_the_numbers():
+    """``without=`` (what ``epsanet benchmark --ablate`` turns off) removes exactly one mechanism each."""
+    from epsanet.optimize.recompute_stem import StemRecomputingResNet
+    from epsanet.optimize.transforms import MECHANISMS
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = _model(dtype=torch.float32).eval()(x)
+    for mechanism in MECHANISMS:
+        train = epsanet.optimize_for_training(_model(dtype=torch.float32), without=(mechanism,))
+        infer = epsanet.optimize_for_inference(_model(dtype=torch.float32), without=(mechanism,))
+        kinds = {type(m) for m in train.modules()}
+        assert (FastPSA in kinds) == (mechanism != 'fast_psa')
+        assert isinstance(train, StemRecomputingResNet) == (mechanism != 'recompute_stem')
+        folded = not any(isinstance(m, torch.nn.BatchNorm2d) for n, m in infer.named_modules() if n.endswith('bn1'))
+        assert folded == (mechanism != 'fold_batchnorm')
+        with torch.no_grad():
+            torch.testing.assert_close(infer(x), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match='Unknown mechanism'):
+        epsanet.optimize_for_training(_model(), without=('warp_drive',))

@@ -7,9 +7,8 @@ import torch
 
 import epsanet
 from epsanet import PSA
-from epsanet.export import export_model, load_exported
-from epsanet.optimize import onnx_forms
-from epsanet.optimize.onnx_forms import DepthwiseSumConv2d, GroupMergedConv2d, optimize_for_onnxruntime
+from epsanet.export import export_model, load_exported, onnx_forms
+from epsanet.export.onnx_forms import DepthwiseSumConv2d, GroupMergedConv2d, optimize_for_onnxruntime
 
 
 def test_depthwise_sum_conv_is_the_same_conv():
@@ -37,7 +36,7 @@ def test_group_merged_conv_is_the_same_conv(merge):
 
 @pytest.mark.parametrize('fastest', ['depthwise', 'merged', 'grouped'])
 def test_keeps_the_faster_form_and_the_outputs(monkeypatch, tmp_path, caplog, fastest):
-    caplog.set_level(logging.INFO, logger='epsanet.optimize.onnx_forms')
+    caplog.set_level(logging.INFO, logger='epsanet.export.onnx_forms')
     kinds = {'depthwise': DepthwiseSumConv2d, 'merged': GroupMergedConv2d}
 
     def fake_ms(module, x, threads, repeats=3):  # the timing decides; pretend one form is faster

@@ -19,10 +19,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import EpsanetError
-from .files import atomic_write
+from ..errors import EpsanetError
+from ..files import atomic_write
+from .onnx_forms import optimize_for_onnxruntime
 
-__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'load_exported', 'onnxruntime_session']
+__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'load_exported', 'onnxruntime_session',
+           'optimize_for_onnxruntime']
 
 # format -> default file extension
 FORMATS: Dict[str, str] = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2'}

@@ -5,7 +5,7 @@ their speed on dense and depthwise convs: its blocked (NCHWc) conv kernels need 
 in every group. Two other forms of the same conv export to plain ONNX nodes with the same numbers:
 
 * depthwise convs plus a sum over each group's input channels
-  (:func:`~epsanet.optimize.conv_forms.grouped_conv_as_depthwise`, :class:`DepthwiseSumConv2d`): the
+  (:func:`~epsanet.export.conv_forms.grouped_conv_as_depthwise`, :class:`DepthwiseSumConv2d`): the
   same multiply-adds;
 * groups merged ``m`` at a time (:class:`GroupMergedConv2d`): a conv with ``groups / m`` groups whose
   weight is block diagonal (zeros between the merged groups), ``m`` times the multiply-adds but whole
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.psa import PyramidSqueezeAttention
-from .conv_forms import ConvShape, conv_sharing_weight, forward_candidates, grouped_conv_as_depthwise
+from ..optimize.fast_psa import psa_sharing_modules
+from .conv_forms import ConvShape, conv_sharing_weight, depthwise_applies, grouped_conv_as_depthwise
 
 __all__ = ['DepthwiseSumConv2d', 'ExportPSA', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 
@@ -110,7 +111,7 @@ class ExportPSA(PyramidSqueezeAttention):
 def _forms(conv: nn.Conv2d, shape: ConvShape) -> Dict[str, Callable[[nn.Conv2d], nn.Module]]:
     """The candidate forms of a branch conv for onnxruntime: name -> factory."""
     forms: Dict[str, Callable[[nn.Conv2d], nn.Module]] = {'grouped': lambda c: c}
-    if 'depthwise_nchw' in forward_candidates(shape):
+    if depthwise_applies(shape):
         forms['depthwise'] = lambda c: DepthwiseSumConv2d.from_conv(c, _out_hw(shape))
     for m in MERGES:
         if conv.groups % m == 0:
@@ -143,7 +144,7 @@ def _branch_shapes(model: nn.Module, example: torch.Tensor) -> Dict[nn.Conv2d, C
 
 
 def _ort_ms(module: nn.Module, x: torch.Tensor, threads: int, repeats: int = 3) -> float:
-    from ..export import onnxruntime_session
+    from . import onnxruntime_session
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings('ignore')
@@ -195,7 +196,7 @@ def _swap_export_psa(model: nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is PyramidSqueezeAttention:
-                setattr(parent, name, ExportPSA.from_layer(child))
+                setattr(parent, name, psa_sharing_modules(ExportPSA, child))
 
 
 def _form_name(conv: nn.Module) -> str:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import autocast_enabled, is_compiling
 from ..models.epsanet import PSABottleneck
 from . import native
 
@@ -150,8 +151,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return (self.training and self.affine and type(x) is torch.Tensor and x.device.type == 'cpu'
                 and x.dtype == torch.float32 and x.dim() == 4 and self.weight.dtype == torch.float32
                 and x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] * x.shape[2] * x.shape[3] > 1
-                and not torch.is_autocast_enabled('cpu') and not torch.jit.is_scripting()
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and kernels_available())
+                and not autocast_enabled('cpu') and not torch.jit.is_scripting()
+                and not torch.jit.is_tracing() and not is_compiling() and kernels_available())
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``relu(bn(x) [+ residual])`` with ``relu``, else ``bn(x) [+ residual]``."""
@@ -173,7 +174,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                                               self.relu)
             if not self.relu:
                 return out
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and not is_compiling():
             setattr(out, _RECTIFIED, out._version)
         return out
 

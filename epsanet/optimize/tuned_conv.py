@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._compat import autocast_enabled, is_compiling
 from . import autotune, conv_forms
 from .conv_forms import ConvShape, conv_sharing_weight
 
@@ -47,8 +48,8 @@ class TunedConv2d(nn.Conv2d):
 
     def _tunable(self, x: torch.Tensor) -> bool:
         return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
-                and self.weight.dtype == x.dtype and not torch.is_autocast_enabled('cpu')
-                and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and self.weight.dtype == x.dtype and not autocast_enabled('cpu')
+                and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not is_compiling()
                 and isinstance(x, torch.Tensor) and type(x) is torch.Tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ floor of torch, torchvision or timm, the import fails at once with one line nami
 required versions (the floors are read from the installed package's metadata, i.e. pyproject.toml; nothing
 here repeats them). The shims give one call for what an old supported torch spells differently.
 """
+import contextlib
 import inspect
 import re
 from importlib import metadata
@@ -81,3 +82,11 @@ def onnx_export(model: torch.nn.Module, args: tuple, path: str, **kwargs) -> Non
     if 'dynamo' in inspect.signature(torch.onnx.export).parameters:
         kwargs['dynamo'] = False
     torch.onnx.export(model, args, path, **kwargs)
+
+
+def safe_globals(allowed: list):
+    """``torch.serialization.safe_globals(allowed)`` (torch >= 2.5): ``torch.load(weights_only=True)`` may also
+    rebuild these classes. Older torch cannot allow any, so a checkpoint holding them is refused as unsafe."""
+    if hasattr(torch.serialization, 'safe_globals'):
+        return torch.serialization.safe_globals(allowed)
+    return contextlib.nullcontext()

@@ -72,6 +72,9 @@ else:
 
 check_versions()
 
+# torch.export.export(dynamic_shapes={0: torch.export.Dim(...)}): missing in torch 2.1 (the floor)
+HAS_EXPORT_DIM = hasattr(torch.export, 'Dim')
+
 # torch.compiler.is_compiling() of torch >= 2.3; before, torch._dynamo.is_compiling()
 is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._compat import onnx_export
+from ._compat import HAS_EXPORT_DIM, onnx_export
 from .errors import EpsanetError
 from .files import atomic_write
 
@@ -216,6 +216,9 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, metho
 
 
 def _write_exported_program(model: nn.Module, example: torch.Tensor, path: str, dynamic: bool):
+    if not HAS_EXPORT_DIM:
+        raise ExportError(f'torch {torch.__version__} has no torch.export.Dim; a .pt2 needs a newer torch '
+                          '(ONNX and TorchScript export work with this one)')
     shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic else None
     program = torch.export.export(model, (example,), dynamic_shapes=shapes)
     torch.export.save(program, path)

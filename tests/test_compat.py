@@ -72,3 +72,14 @@ def test_autocast_enabled_on_this_torch():
         assert _compat.autocast_enabled('cpu')
         assert not _compat.autocast_enabled('cuda')
     assert not _compat.is_compiling()
+
+
+def test_exported_program_without_export_dim_is_a_clear_error(monkeypatch, tmp_path):
+    import timm
+
+    from epsanet import export
+    monkeypatch.setattr(export, 'HAS_EXPORT_DIM', False)
+    model = timm.create_model('epsanet50', layers=(1, 1, 1, 1)).eval()
+    with pytest.raises(export.ExportError, match=r'has no torch\.export\.Dim; a \.pt2 needs a newer torch'):
+        export.export_model(model, str(tmp_path / 'm.pt2'), 'exported-program', input_size=(3, 32, 32))
+    assert list(tmp_path.iterdir()) == []

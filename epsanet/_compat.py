@@ -93,3 +93,9 @@ def safe_globals(allowed: list):
     if hasattr(torch.serialization, 'safe_globals'):
         return torch.serialization.safe_globals(allowed)
     return contextlib.nullcontext()
+
+
+def save_for_hf_takes_data_config() -> bool:
+    """Whether timm's ``save_for_hf`` records the preprocessing (``data_config=``): timm >= 1.0.31."""
+    from timm.models import save_for_hf
+    return 'data_config' in inspect.signature(save_for_hf).parameters

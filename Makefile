@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # spinning threads starve each other (measured: training steps up to 10x slower).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast lint benchmark gpu-check clean
+.PHONY: install demo test test-fast test-floor lint benchmark gpu-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,25 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --timeout=900
 
+# The oldest versions pyproject.toml allows, tested: a venv on the oldest Python (3.10, from pyenv when there)
+# with every dependency pinned to its declared floor (.ci/floor_constraints.py turns each `>=X` into `==X`),
+# running the tests tests/conftest.py lists in FLOOR_TESTS (pytest -m floor).
+FLOOR_VENV ?= .venv-floor
+FLOOR_PYTHON ?= $(firstword $(foreach p,$(shell pyenv prefix 3.10 2>/dev/null)/bin/python3 python3.10,\
+	$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null && echo $(p))) $(PYTHON))
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+
+$(FLOOR_STAMP): pyproject.toml .ci/floor_constraints.py
+	rm -rf $(FLOOR_VENV)
+	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python .ci/floor_constraints.py export test > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/constraints.txt -e ".[export]" pytest pytest-timeout
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/python -c 'import sys, torch, timm; print("floor venv: Python", sys.version.split()[0], "torch", torch.__version__, "timm", timm.__version__)'
+	$(FLOOR_VENV)/bin/python -m pytest -q --timeout=900 -m floor
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
@@ -42,4 +61,4 @@ gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 ``import epsanet`` registers ``epsanet50``, ``epsanet50_large``, ``epsanet101`` and
 ``epsanet101_large`` with timm, so ``timm.create_model("epsanet50")`` works.
 """
+from . import _compat  # noqa: F401  (first: below the torch/torchvision/timm floors, import stops here in one line)
 from .convert_resnet import psa_convert
 from .errors import EpsanetError
 from .layers import PSA, PSAGate, PyramidSqueezeAttention
@@ -19,7 +20,6 @@ from .models import (
 from .optimize import optimize_for_inference, optimize_for_training
 
 __version__ = '0.1.0'
-
 
 
 def __getattr__(name: str):

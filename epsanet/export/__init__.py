@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._compat import HAS_EXPORT_DIM, onnx_export
 from ..errors import EpsanetError
 from ..files import atomic_write
 from .onnx_forms import optimize_for_onnxruntime
@@ -156,10 +157,10 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: str, num_outputs:
     output_names = ['output'] if num_outputs == 1 else [f'output{i}' for i in range(num_outputs)]
     dynamic_axes = {n: {0: 'batch'} for n in ['input', *output_names]} if dynamic else None
     with warnings.catch_warnings():
-        # dynamo=False on purpose (the dynamo exporter needs onnxscript): silence its deprecation notice
+        # the TorchScript-based exporter on purpose (the dynamo one needs onnxscript): silence its deprecation notice
         warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
-        torch.onnx.export(
-            model, (example,), path, dynamo=False, opset_version=opset, input_names=['input'],
+        onnx_export(
+            model, (example,), path, opset_version=opset, input_names=['input'],
             output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
     if dynamic:
         keep_batch_in_reshapes(path)
@@ -217,6 +218,9 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: str, metho
 
 
 def _write_exported_program(model: nn.Module, example: torch.Tensor, path: str, dynamic: bool):
+    if not HAS_EXPORT_DIM:
+        raise ExportError(f'torch {torch.__version__} has no torch.export.Dim; a .pt2 needs a newer torch '
+                          '(ONNX and TorchScript export work with this one)')
     shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic else None
     program = torch.export.export(model, (example,), dynamic_shapes=shapes)
     torch.export.save(program, path)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import onnx_export
 from ..layers.psa import PyramidSqueezeAttention
 from ..optimize.fast_psa import psa_sharing_modules
 from .conv_forms import ConvShape, conv_sharing_weight, depthwise_applies, grouped_conv_as_depthwise
@@ -149,7 +150,7 @@ def _ort_ms(module: nn.Module, x: torch.Tensor, threads: int, repeats: int = 3) 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings('ignore')
         path = os.path.join(tmp, 'conv.onnx')
-        torch.onnx.export(module, (x,), path, dynamo=False, opset_version=17)
+        onnx_export(module, (x,), path, opset_version=17)
         session = onnxruntime_session(path, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     session.run(None, feed)

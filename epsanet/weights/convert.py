@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .._compat import save_for_hf_takes_data_config
 from ..models.flops import count_gflops
 from ..models.variants import infer_variant
 from ..progress import progress as progress_bar
@@ -185,6 +186,9 @@ def _convert(src: Path, out_dir: Path, model_name: Optional[str], tag: Optional[
              steps: Any, label_names: Optional[Sequence[str]] = None) -> ConvertResult:
     import timm
     from timm.models import save_for_hf
+    if not save_for_hf_takes_data_config():
+        raise WeightsError(f'epsanet convert needs timm>=1.0.31 (save_for_hf with data_config); this is timm '
+                           f'{timm.__version__}: pip install -U "timm>=1.0.31".')
 
     import epsanet
 

@@ -32,6 +32,7 @@ import torch
 from timm.models import clean_state_dict, resolve_pretrained_cfg
 from timm.models import load_state_dict as timm_load_state_dict
 
+from .._compat import safe_globals
 from ..errors import EpsanetError
 from .registry import find_entry, registered_weights
 
@@ -137,7 +138,7 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
         except Exception as e:  # SafetensorError has no importable base class across versions
             raise _corrupt(path, e) from e
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unsafe(path, e) from e
@@ -185,7 +186,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if _is_safetensors(path) and path.suffix != _SAFETENSORS_EXT:
         return _pick_state_dict(read_checkpoint(path), path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with safe_globals([argparse.Namespace]):
             state_dict = timm_load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for a damaged file
         unpickling = next((c for c in _causes(e) if isinstance(c, pickle.UnpicklingError)), None)

@@ -88,6 +88,17 @@ def test_authors_checkpoint_loads_through_timm(name, tmp_path):
         assert (model(x) - ref(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize('name', epsanet.MODEL_NAMES)
+def test_features_only_every_model(name):
+    """Full depth, each variant (the timm contract tests use 1-block stages): five feature maps, strides 2-32."""
+    model = timm.create_model(name, features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in feats] == [(c, 64 // r, 64 // r) for c, r in zip(
+        model.feature_info.channels(), model.feature_info.reduction())]
+    assert model.feature_info.reduction() == [2, 4, 8, 16, 32]
+
+
 def test_checkpoint_for_another_architecture_lists_mismatches(tmp_path):
     path = tmp_path / 'small.pth.tar'
     torch.save(authors_checkpoint(create_reference('epsanet50'), arch='epsanet50'), path)

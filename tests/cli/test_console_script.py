@@ -280,7 +280,8 @@ def test_benchmark(tmp_path):
     report = tmp_path / 'bench.json'
     epsanet('benchmark', '--model', 'epsanet50', '--batch-size', 1, '--img-size', 32, '--modes', 'infer',
             '--formats', 'nchw', '--dtypes', 'fp32', '--reps', 1, '--no-memory', '--runtime', 'torch',
-            '--json', report, '--markdown', tmp_path / 'bench.md', '--no-progress')
+            '--baselines', '--batch-sweep', '--img-sweep', '--json', report, '--markdown', tmp_path / 'bench.md',
+            '--no-progress')
     rows = json.loads(report.read_text())['rows']
     assert 'epsanet50' in {r['candidate'] for r in rows} and all(r['img_per_s'] > 0 for r in rows)
     assert '| epsanet50 | infer | nchw | fp32 | 1 | 32 |' in (tmp_path / 'bench.md').read_text()

@@ -1,4 +1,5 @@
 """The signal handling of ``epsanet train`` (:mod:`epsanet.train.interrupt`) with real signals."""
+import collections
 import logging
 import os
 import signal
@@ -78,9 +79,20 @@ def test_grace_period_ends_a_process_that_cannot_save(tmp_path):
     assert 'the last saved state is run/last.state.pth' in err
 
 
-def test_pause_point_is_inert_without_its_environment(monkeypatch):
+def test_pause_point_is_inert_without_its_environment(monkeypatch, tmp_path):
+    marker = tmp_path / 'paused'
+    monkeypatch.setattr(interrupt, '_reached', collections.Counter())
+    monkeypatch.setenv('EPSANET_TEST_PAUSE_FILE', str(marker))
     monkeypatch.delenv('EPSANET_TEST_PAUSE_AT', raising=False)
-    interrupt.pause_point('step')  # returns at once
+    interrupt.pause_point('step')
+    assert interrupt._reached == {} and not marker.exists()  # not counted, nothing written, no wait
+    monkeypatch.setenv('EPSANET_TEST_PAUSE_AT', 'validate')  # armed for another point
+    interrupt.pause_point('step')
+    assert interrupt._reached == {} and not marker.exists()
+    marker.write_text('already paused once')  # armed for this point: counted, and a marker that exists means
+    monkeypatch.setenv('EPSANET_TEST_PAUSE_AT', 'step')  # the pause happened before, so it returns at once
+    interrupt.pause_point('step')
+    assert interrupt._reached == {'step': 1} and marker.read_text() == 'already paused once'
 
 
 def test_forked_workers_ignore_the_signals_the_main_process_handles():

@@ -12,8 +12,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from epsanet.app.model import build_model
 from epsanet.data.digits import write_digits
-from epsanet.train import TrainConfig, build_model, read_weights_metadata, train
+from epsanet.train import TrainConfig, train
+from epsanet.weights.metadata import read_weights_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +83,7 @@ def test_the_check_fails_when_nothing_is_learned(digits, tmp_path):
 def _fine_tune(scratch, data, out, **kw):
     """From the scratch run's weights, with a new 5-class head, the stem and the first two stages frozen:
     ``epsanet train --initial-checkpoint best.safetensors --freeze conv1 bn1 layer1 layer2`` builds the model
-    with the same :func:`~epsanet.train.build_model` call."""
+    with the same :func:`~epsanet.app.model.build_model` call."""
     model = build_model('epsanet50', num_classes=5, checkpoint=scratch.weights, **TINY)
     return train(_cfg(data, out, freeze=FROZEN, initial_checkpoint=str(scratch.weights), **kw), model=model)
 

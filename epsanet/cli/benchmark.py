@@ -4,7 +4,12 @@ import os
 
 from ..app.outputs import add_overwrite_argument, check_output_file
 
+from ..app.flags import Bound
+
 COMMAND = 'benchmark'
+# checked before any work, with the shared bounds of --batch-size and --img-size (epsanet.app.flags.BOUNDS)
+BOUNDS = dict(img_size=Bound(ge=32), img_sweep=Bound(ge=32), batch_sweep=Bound(ge=1), reps=Bound(ge=1),
+              train_reps=Bound(ge=1), memory_batch_size=Bound(ge=1), threads=Bound(ge=1))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -38,6 +38,8 @@ CASES = [
     (['quantize', '--data-dir', 'DATA', '--calibration-images', '0'], '--calibration-images', 'must be >= 1'),
     (['export', '--opset', '3'], '--opset', 'must be >= 7 and <= '),
     (['export', '--img-size', '16'], '--img-size', 'must be >= 32'),
+    (['benchmark', '--reps', '0'], '--reps', 'must be >= 1; got 0'),
+    (['benchmark', '--img-sweep', '160', '8'], '--img-sweep', 'must be >= 32; got 160 8'),
 ]
 if NO_CUDA:
     CASES.append((['train', '--data-dir', 'DATA', '--device', 'cuda'], '--device', 'this machine has no cuda device'))

@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw):
-    base = dict(data_dir=str(data), output=str(out), val_split='', img_size=16, batch_size=4, epochs=1, opt='sgd',
+    base = dict(data_dir=str(data), output=str(out), val_split='', img_size=32, batch_size=4, epochs=1, opt='sgd',
                 lr=0.05, weight_decay=0.0, sched='cosine', warmup_epochs=0, sched_on_updates=False, workers=0, seed=0,
                 scale=(1.0, 1.0), hflip=0.5, color_jitter=0.0, smoothing=0.0, crop_pct=1.0, bn_recalibrate=False,
                 progress=False)

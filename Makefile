@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # spinning threads starve each other (measured: training steps up to 10x slower).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast lint benchmark gpu-check clean
+.PHONY: install demo test test-fast lint docs benchmark gpu-check clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e ".[test,demo,export]"
+	$(PY) -m pip install --quiet -e ".[test,demo,export,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
+	$(MAKE) docs
 	$(PY) -m pytest -q --timeout=900
 
 test-fast: $(STAMP)
@@ -32,6 +33,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
+
+# the documentation site, into site/ (git-ignored); --strict: a broken link or docstring reference fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py --optimize --json benchmark.json --markdown benchmark.md
@@ -41,4 +46,4 @@ gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # spinning threads starve each other (measured: training steps up to 10x slower).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast test-floor lint benchmark gpu-check clean
+.PHONY: install demo test test-fast test-floor lint docs benchmark gpu-check clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e ".[test,demo,export]"
+	$(PY) -m pip install --quiet -e ".[test,demo,export,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
 	$(VENV)/bin/lint-imports
+	$(MAKE) docs
 	$(PY) -m pytest -q --timeout=900
 
 # The oldest versions pyproject.toml allows, tested: a venv on the oldest Python (3.10, from pyenv when there)
@@ -53,6 +54,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
 
+# the documentation site, into site/ (git-ignored); --strict: a broken link or docstring reference fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py --optimize --targets scripts/benchmark_targets.json --json benchmark.json --markdown benchmark.md
 
@@ -61,4 +66,4 @@ gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) build dist site *.egg-info .pytest_cache .ruff_cache

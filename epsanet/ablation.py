@@ -25,7 +25,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .benchmark import (
-    _environment,
     _make_step,
     build_candidates,
     measure_peak_memory,
@@ -33,7 +32,7 @@ from .benchmark import (
     optimized_for,
     save_report,
 )
-from .timing import Setting, median, time_steps
+from .timing import Setting, environment, median, time_steps
 
 __all__ = ['FIGURES', 'AblationReport', 'run_ablation']
 
@@ -183,4 +182,4 @@ def run_ablation(model_name: str = 'epsanet50', batch_size: int = 8, img_size: i
             rows += _rows(figure, measured)
     config = dict(model=model_name, batch_size=batch_size, img_size=img_size, repeats=repeats, figures=list(figures),
                   infer_steps=infer_steps, train_steps=train_steps)
-    return AblationReport(model_name, rows, config, _environment())
+    return AblationReport(model_name, rows, config, environment())

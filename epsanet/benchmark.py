@@ -33,7 +33,7 @@ Measurements:
 * peak memory (``measure_memory``): the growth of the resident set size of a *fresh* process
   (``python -m epsanet.benchmark --probe``) over two steps: peak RSS minus the RSS just before
   the first step. One forward and backward pass runs before that (its gradients dropped), so that
-  one-time set-up, such as the autotuner timing the branch forms of a new shape, is not counted.
+  one-time set-up (lazy allocations, oneDNN primitive creation) is not counted.
   The peak is ``ru_maxrss`` when the steps raised it, else the largest RSS a
   thread sampling ``/proc/self/statm`` every 0.5 ms saw (Linux only). glibc is told to serve
   every allocation over 64 KiB with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed tensors
@@ -47,7 +47,6 @@ Measurements:
 import copy
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .files import atomic_write
-from .timing import REFERENCE, Row, Setting, time_steps
+from .timing import REFERENCE, Row, Setting, environment, time_steps
 
 __all__ = ['BenchmarkReport', 'build_candidates', 'load_thresholds', 'optimized_for', 'run_benchmark']
 
@@ -320,7 +319,7 @@ def _rss_bytes() -> int:
 
 def _one_time_setup(model: nn.Module, setting: Setting) -> None:
     """One forward (and backward) pass before the measured steps, its gradients dropped: set-up done once
-    per process, such as the autotuner timing the branch forms of a new input shape, is not counted."""
+    per process (lazy allocations, oneDNN primitive creation) is not counted."""
     x = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size)
     x = x.contiguous(memory_format=MEMORY_FORMATS[setting.memory_format])
     with _autocast(setting.dtype):
@@ -378,31 +377,6 @@ def _probe(spec: Dict[str, Any]) -> Dict[str, float]:
 
 def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-
-def _environment() -> Dict[str, Any]:
-    import timm
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
-    except OSError:
-        pass
-    return dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-                threads=torch.get_num_threads(), cpu=cpu, cores=os.cpu_count(), isa=_cpu_isa())
-
-
-def _cpu_isa() -> str:
-    """The ISA PyTorch's CPU kernels use, and the x86 vector extensions the CPU has (from /proc/cpuinfo)."""
-    flags: List[str] = []
-    try:
-        with open('/proc/cpuinfo') as f:
-            line = next((ln for ln in f if ln.startswith('flags')), '')
-        have = set(line.split(':', 1)[-1].split())
-        flags = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile') if f in have]
-    except OSError:
-        pass
-    return f'torch kernels {torch.backends.cpu.get_cpu_capability()}; CPU flags {" ".join(flags) or "unknown"}'
 
 
 def _pick(pool: List[Row], name: str, mode: str, fmt: str, main: Optional[Setting]) -> Optional[Row]:
@@ -625,7 +599,7 @@ def run_benchmark(
                      '`epsanet.optimize_for_inference(model)`, training after `epsanet.optimize_for_training(model)` '
                      '(both store the weights channels_last). The '
                      'format column is the input\'s; in NCHW rows the other models run as created.')
-    return BenchmarkReport(model_name, rows, memory_rows, targets, config, _environment(), logits_ok, notes)
+    return BenchmarkReport(model_name, rows, memory_rows, targets, config, environment(), logits_ok, notes)
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""Where the package keeps what it measures or computes once per machine (autotuned conv plans, webdataset
+"""Where the package keeps what it measures or computes once per machine (webdataset
 shard indexes): ``$EPSANET_CACHE_DIR``, else ``$XDG_CACHE_HOME/epsanet``, else ``~/.cache/epsanet``.
 ``EPSANET_CACHE_DIR=none`` keeps nothing on disk."""
 import os

@@ -259,7 +259,7 @@ def quantize(cfg: QuantizeConfig) -> Dict[str, Any]:
 
 
 def _cpu() -> str:
-    from .benchmark import _environment
+    from .timing import environment
 
-    env = _environment()
+    env = environment()
     return f'{env["cpu"]} ({torch.backends.cpu.get_cpu_capability()}, {env["threads"]} threads)'

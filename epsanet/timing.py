@@ -4,9 +4,13 @@ Each repetition runs every step once, in a rotating order, before the next repet
 load from other processes hits all of them alike; a row reports the median over the repetitions of
 the wall time and of the process CPU time (summed over threads).
 """
+import os
+import platform
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
 
 __all__ = ['REFERENCE', 'Row', 'Setting', 'median', 'time_steps']
 
@@ -76,3 +80,29 @@ def time_steps(steps: Dict[str, Callable[[], Any]], setting: Setting, reps: int,
             r.vs_reference = r.img_per_s / ref.img_per_s
             r.cpu_vs_reference = ref.cpu_ms / r.cpu_ms
     return rows
+
+
+def environment() -> Dict[str, Any]:
+    """The versions, threads and CPU a timing ran with, for a report."""
+    import timm
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+    except OSError:
+        pass
+    return dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
+                threads=torch.get_num_threads(), cpu=cpu, cores=os.cpu_count(), isa=cpu_isa())
+
+
+def cpu_isa() -> str:
+    """The ISA PyTorch's CPU kernels use, and the x86 vector extensions the CPU has (from /proc/cpuinfo)."""
+    flags: List[str] = []
+    try:
+        with open('/proc/cpuinfo') as f:
+            line = next((ln for ln in f if ln.startswith('flags')), '')
+        have = set(line.split(':', 1)[-1].split())
+        flags = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile') if f in have]
+    except OSError:
+        pass
+    return f'torch kernels {torch.backends.cpu.get_cpu_capability()}; CPU flags {" ".join(flags) or "unknown"}'

@@ -162,9 +162,9 @@ def _kind(v: Optional[Tuple[float, float]]) -> str:
 
 
 def _cpu() -> str:
-    from epsanet.benchmark import _environment
+    from epsanet.timing import environment
 
-    env = _environment()
+    env = environment()
     return f'{env["cpu"]}; onnxruntime keeps its own kernel dispatch'
 
 

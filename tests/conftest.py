@@ -31,7 +31,7 @@ FLOOR_TESTS = (
     'tests/cli/test_extract.py::test_extract_cli_prelogits_and_stages',
     'tests/test_export.py::test_onnx_dynamic_batch_matches_pytorch',
     'tests/test_export.py::test_cli_export_loads_weights',
-    'tests/optimize/test_transforms.py::test_training_transform_equals_the_plain_model[epsanet50-autotuned]',
+    'tests/optimize/test_transforms.py::test_training_transform_equals_the_plain_model[epsanet50]',
     'tests/optimize/test_transforms.py::test_float32_transforms_stay_close',
     'tests/optimize/test_transforms.py::test_inference_transform_folds_and_cannot_train',
 )
@@ -59,6 +59,9 @@ def pytest_collection_modifyitems(config, items):
         gone = [t for t in (*FLOOR_TESTS, *NEEDS_NEWER) if not (root / t.split('::')[0]).exists()]
         if gone:
             raise pytest.UsageError(f'tests/conftest.py lists test files that do not exist: {gone}')
+        unmatched = [t for t in FLOOR_TESTS if not any(item.nodeid.startswith(t) for item in items)]
+        if unmatched:  # a renamed test or parameter would drop out of the floor run silently
+            raise pytest.UsageError(f'tests/conftest.py lists floor tests that match no test: {unmatched}')
     for item in items:
         if item.nodeid.startswith(FLOOR_TESTS):
             item.add_marker(pytest.mark.floor)
@@ -68,8 +71,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope='session', autouse=True)
-def _autotune_cache_in_a_temp_folder(tmp_path_factory):
-    """The autotuner's plans go to a folder of this test session, not the user's ~/.cache."""
+def _cache_in_a_temp_folder(tmp_path_factory):
+    """The package's cache (webdataset shard indexes) goes to a folder of this test session, not ~/.cache."""
     old = os.environ.get('EPSANET_CACHE_DIR')
     os.environ['EPSANET_CACHE_DIR'] = str(tmp_path_factory.mktemp('epsanet-cache'))
     yield

@@ -43,10 +43,7 @@ NOT_CODE = ('text', 'yaml', 'json', 'csv', 'markdown')
 NOT_RUN = re.compile(r'<!--\s*not run:(.*?)-->', re.S)
 FENCE = re.compile(r'^```(\S*)\s*$')
 
-# The autotuner and the compiled BatchNorm kernels are tested in tests/optimize/; here they would only
-# spend the examples' time budget on timing runs and a compiler.
-FAST_ENV = {'EPSANET_CONV_FORMS': 'grouped_nchw,nchw,nchw', 'EPSANET_NATIVE_KERNELS': '0',
-            'PYTHONUNBUFFERED': '1', 'HF_HUB_OFFLINE': '1'}
+FAST_ENV = {'PYTHONUNBUFFERED': '1', 'HF_HUB_OFFLINE': '1'}
 
 
 @dataclass

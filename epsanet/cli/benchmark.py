@@ -2,9 +2,8 @@
 import argparse
 import os
 
-from ..app.outputs import add_overwrite_argument, check_output_file
-
 from ..app.flags import Bound
+from ..app.outputs import add_overwrite_argument, check_output_file
 
 COMMAND = 'benchmark'
 # checked before any work, with the shared bounds of --batch-size and --img-size (epsanet.app.flags.BOUNDS)

@@ -59,9 +59,8 @@ def _torchrun(data, out, *torchrun_args):
             '2']
 
 
-# one conv form for all (see tests/train/test_resume_signals.py): two processes must compute identically
-_TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE',
-                     EPSANET_CONV_FORMS='grouped_nchw,nchw,nchw')
+# one thread: two processes must compute identically
+_TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
 
 
 @pytest.fixture(scope='module')

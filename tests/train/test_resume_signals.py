@@ -26,7 +26,6 @@ ARGS = ['--img-size', '32', '-b', '4', '--epochs', '2', '--workers', '0', '--opt
         '--warmup-epochs', '0', '--crop-pct', '1', '--no-progress', '--seed', '3', '--drop-path', '0.1', '--mixup',
         '0.2', '--model-ema', '--model-ema-decay', '0.9', '--device', 'cpu']
 TIMEOUT = 300
-CONV_FORMS = 'grouped_nchw,nchw,nchw'
 
 
 @pytest.fixture(scope='module')
@@ -40,9 +39,8 @@ def _command(data, out, *extra):
 
 
 def _env(**extra):
-    # one conv form for all: the CPU autotuner (epsanet.optimize) would otherwise time the forms in each process,
-    # and forms agree only within float rounding; these runs must compute identically in separate processes
-    return dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', EPSANET_CONV_FORMS=CONV_FORMS, **extra)
+    # one thread: these runs must compute identically in separate processes
+    return dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', **extra)
 
 
 def run(cmd, log, pause=None, sig=None, env=None):

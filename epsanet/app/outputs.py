@@ -200,8 +200,9 @@ class RunFolder:
     wrote nothing into it.
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, flag: str = 'the output'):
         self.path = Path(path)
+        self.flag = flag  # the command's name for the folder, e.g. train's '--output'
         self.lock = self.path / LOCK_NAME
         self.created = False
         self.held = False
@@ -221,7 +222,7 @@ class RunFolder:
         """
         p = self.path
         if p.exists() and not p.is_dir():
-            raise OutputError(f'--output {p} is a file, not a run folder; choose a new folder name.')
+            raise OutputError(f'{self.flag} {p} is a file, not a run folder; choose a new folder name.')
         self._take_lock()
         try:
             names = self.contents()
@@ -237,9 +238,9 @@ class RunFolder:
         listing = f'{", ".join(names[:4])}{", ..." if len(names) > 4 else ""}'
         if resume_command:
             return (f'{p} already holds a run ({listing}). Resume it with: {resume_command}   (or the same command '
-                    'plus --resume auto); start over in it with --overwrite; or choose another --output.')
+                    f'plus --resume auto); start over in it with --overwrite; or choose another {self.flag}.')
         return (f'{p} already exists and holds files ({listing}) but no run to resume; choose a new or empty '
-                '--output, or pass --overwrite to write the run into it (replacing its files of the same names).')
+                f'{self.flag}, or pass --overwrite to write the run into it (replacing its files of the same names).')
 
     def _take_lock(self) -> None:
         try:
@@ -273,7 +274,7 @@ class RunFolder:
         if owner is not None and owner.running():
             where = '' if owner.host == socket.gethostname() else f' on {owner.host}'
             raise OutputError(f'{self.path} is in use by another run (PID {owner.pid}{where}, lock file '
-                              f'{self.lock}); wait for it to finish, or choose another --output.')
+                              f'{self.lock}); wait for it to finish, or choose another {self.flag}.')
         aside = self.lock.with_name(f'{LOCK_NAME}.stale.{os.getpid()}')
         try:
             os.rename(self.lock, aside)

@@ -684,7 +684,8 @@ def _claim(output: Path, cfg: TrainConfig) -> RunFolder:
         config = output / 'args.yaml'
         options = f'--config {shlex.quote(str(config))}' if config.is_file() else '<same options>'
         resume_command = f'epsanet train {options} --resume {shlex.quote(str(output))}'
-    return RunFolder(output).claim(resume=bool(cfg.resume), overwrite=cfg.overwrite, resume_command=resume_command)
+    return RunFolder(output, flag='--output').claim(resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                                                    resume_command=resume_command)
 
 
 def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), model: Optional[torch.nn.Module] = None) -> TrainResult:

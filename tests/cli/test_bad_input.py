@@ -144,7 +144,7 @@ def test_the_refusal_of_an_existing_run_names_a_command_that_resumes_it(world, t
     assert snapshot(tmp_path) == before
     command = err.split('Resume it with: ')[1].split('   ')[0].split()
     assert command[:2] == ['epsanet', 'train'] and '--overwrite' in err
-    check(run([*command[2:], '--epochs', '2'], tmp_path), 0)  # the printed command works (args.yaml has epochs 1)
+    check(run([*command[1:], '--epochs', '2'], tmp_path), 0)  # the printed command works (args.yaml has epochs 1)
     assert json.loads((tmp_path / 'run' / 'metrics.json').read_text())[-1]['epoch'] == 2
     assert (tmp_path / 'run' / 'best.safetensors').is_file()
     check(run([*argv, '--overwrite'], tmp_path), 0)  # the flag that starts over: a fresh one-epoch run
@@ -173,8 +173,8 @@ def odd_data(world) -> Path:
 
 def test_a_symlink_loop_is_reported_and_each_image_counted_once(world, odd_data):
     before = snapshot(odd_data)
-    result = run(['validate', *CK, '--data-dir', str(odd_data / 'loop'), '--workers', '0', '--no-progress',
-                  '--results-file', 'loop.json'], world.parent)
+    result = run(['validate', '--checkpoint', str(world / 'ck.safetensors'), '--data-dir', str(odd_data / 'loop'),
+                  '--workers', '0', '--no-progress', '--results-file', 'loop.json'], world.parent)
     err = check(result, 0)
     assert 'symlink loop' in err and str(Path('val') / 'a' / 'up') in err
     assert json.loads((world.parent / 'loop.json').read_text())['count'] == 4  # not 4 + the loop + the second link

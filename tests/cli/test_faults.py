@@ -51,7 +51,8 @@ def test_output_under_a_file_is_one_line(trained, tmp_path, capsys):
     code = main(['validate', '--data-dir', str(data), '--checkpoint', str(run / 'best.safetensors'), '--workers', '0',
                  '--no-progress', '--results-file', str(tmp_path / 'file' / 'r.json')])
     line = _one_line(capsys.readouterr().err, 'validate')
-    assert code == 1 and f'{tmp_path / "file"} is a file, not a folder' in line
+    # refused before any work by the output policy: a bad --results-file is bad input (exit 2)
+    assert code == 2 and f'{tmp_path / "file"} is a file, not a folder' in line and '--results-file' in line
     assert (tmp_path / 'file').read_text() == 'mine'
 
 

@@ -40,7 +40,8 @@ by timm's own rule. Nothing here was fitted to a benchmark set:
   epoch make 50 epochs, not timm's 300.
 
 A batch given by the user that leaves fewer than :data:`MIN_STEPS_PER_EPOCH` steps per epoch gets one
-warning line, naming the batch the rule would pick.
+warning line naming the smaller batch the rule would pick (none when the rule's batch is not smaller: a
+set under :data:`MIN_BATCH` x 10 images). A set smaller than :data:`MIN_BATCH` is one batch.
 
 Only fields left at ``None`` are picked: a value from a flag, ``--config`` or the Python API always
 wins. The recipes under ``configs/`` set their augmentation, smoothing and warm-up themselves.

@@ -15,8 +15,9 @@ D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisati
 class TrainConfig(Options):
     """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted.
 
-    The fields of :data:`epsanet.train.recipe.AUTO_FIELDS` default to ``None``: training picks them from
-    the data (:mod:`epsanet.train.recipe`) and logs what it picked; any value given wins.
+    The fields of :data:`epsanet.train.recipe.STEP_FIELDS` (batch size, lr, epochs) and
+    :data:`~epsanet.train.recipe.AUTO_FIELDS` default to ``None``: training picks them from the data
+    (:mod:`epsanet.train.recipe`) and logs what it picked; any value given wins.
     """
     # data
     data_dir: str = arg('', 'ImageFolder root holding <train-split>/<class>/<image> and <val-split>/...', D)
@@ -85,10 +86,12 @@ class TrainConfig(Options):
                                          'authors decayed all parameters: --no-filter-bias-and-bn)', OPT)
     layer_decay: Optional[float] = arg(None, 'layer-wise lr decay (e.g. 0.75): earlier layers learn slower; uses '
                                              "the model's group_matcher", OPT)
-    batch_size: int = arg(128, 'batch size per process', OPT, aliases=('-b',))
+    batch_size: Optional[int] = arg(None, 'batch size per process (default: picked from the data: timm\'s 128, or the '
+                                          'largest that gives 10 optimizer steps per epoch, at least 8)', OPT,
+                                    aliases=('-b',))
     validation_batch_size: Optional[int] = arg(None, 'validation batch size (default: --batch-size)', OPT)
     # schedule
-    lr: Optional[float] = arg(None, 'learning rate (default: --lr-base scaled by the global batch size)', S)
+    lr: Optional[float] = arg(None, 'learning rate (default: --lr-base scaled to the global batch size)', S)
     lr_base: float = arg(0.1, 'lr for a global batch of --lr-base-size', S)
     lr_base_size: int = arg(256, 'global batch size --lr-base refers to', S)
     lr_base_scale: str = arg('', 'lr scaling with batch size: linear or sqrt (default: sqrt for adaptive '
@@ -97,7 +100,8 @@ class TrainConfig(Options):
                                                          'wsd', 'constant', 'none'))
     sched_on_updates: Optional[bool] = arg(None, 'update the lr every step instead of every epoch (default: every '
                                                  'step when there is a warm-up)', S)
-    epochs: int = arg(300, 'number of epochs', S)
+    epochs: Optional[int] = arg(None, 'number of epochs (default: picked from the data: enough for 500 optimizer '
+                                      'steps below 20000 images, 10000 below 500000, else 20000; at most 300)', S)
     decay_epochs: float = arg(90, 'epochs between lr decays (step schedule)', S)
     decay_milestones: Tuple[int, ...] = arg((90, 180, 270), 'epochs of lr decay (multistep schedule)', S,
                                             metavar='EPOCH')

@@ -50,7 +50,7 @@ from .freeze import export_state_dict, freeze_modules
 from .interrupt import GracefulStop, Interrupted, pause_point, signal_name
 from .metrics import MetricsLog
 from .precise_bn import recalibrate_bn
-from .recipe import apply_recipe, model_img_size, summarize
+from .recipe import MAX_BATCH, apply_recipe, model_img_size, summarize
 from .resume import (
     broadcast,
     capture_rng,
@@ -100,7 +100,7 @@ def _check_config(cfg: TrainConfig) -> None:
     if not cfg.data_dir:
         raise ConfigError('--data-dir is required (on the command line or in the --config file): an ImageFolder '
                           'root holding train/<class>/<image> and val/<class>/<image>.')
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size is not None and cfg.batch_size % 2:
         raise ConfigError(f'mixup/cutmix need an even --batch-size, got {cfg.batch_size}.')
     if cfg.pretrained and cfg.initial_checkpoint:
         raise ConfigError('give --pretrained or --initial-checkpoint, not both.')
@@ -138,10 +138,11 @@ class _Trainer:
     # ---- setup -------------------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
         cfg = self.cfg
+        hint = cfg.batch_size or MAX_BATCH  # streamed (wds/) sets split their shards by it; the recipe picks later
         self.train_ds = dataset_from_config(cfg, cfg.train_split, is_training=True, mark_unreadable=False,
-                                            split_flag='--train-split', batch_size=cfg.batch_size, seed=cfg.seed)
+                                            split_flag='--train-split', batch_size=hint, seed=cfg.seed)
         self.val_ds = dataset_from_config(cfg, cfg.val_split, split_flag='--val-split',
-                                          batch_size=cfg.validation_batch_size or cfg.batch_size) \
+                                          batch_size=cfg.validation_batch_size or hint) \
             if cfg.val_split else None
         if self.val_ds is not None:
             check_same_classes(self.train_ds.classes, self.val_ds.classes, self.train_ds.root, self.val_ds.root)
@@ -173,7 +174,8 @@ class _Trainer:
         return resolve_resume(found)
 
     def _pick_recipe(self, model: Optional[torch.nn.Module]) -> None:
-        """Fill the fields left at ``None`` (:data:`~epsanet.train.recipe.AUTO_FIELDS`) from the data."""
+        """Fill the fields left at ``None`` (:data:`~epsanet.train.recipe.STEP_FIELDS`, ``AUTO_FIELDS``) from the
+        data."""
         cfg = self.cfg
         img_size = cfg.img_size or model_img_size(model if model is not None else cfg.model)
         samples = getattr(self.train_ds, 'samples', None)
@@ -182,9 +184,11 @@ class _Trainer:
         else:  # a source without file paths (an archive, hfds/, wds/): its size only (unknown: taken as large)
             size = len(self.train_ds) if hasattr(self.train_ds, '__len__') else None
             summary = summarize([], self.num_classes, num_images=size if size is not None else 10 ** 9)
-        self.cfg, line = apply_recipe(cfg, summary, img_size)
+        self.cfg, line, warning = apply_recipe(cfg, summary, img_size, self.dist.world_size)
         if line:
             self._log('%s', line)
+        if warning:
+            self._log_warning(warning)
 
     def _check_resume(self, files: Dict[str, Path]) -> None:
         state, cfg = self.state, self.cfg
@@ -259,16 +263,11 @@ class _Trainer:
         self.data_config = data_config_for(model, cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
 
     def _setup_optim(self) -> None:
-        cfg, dist = self.cfg, self.dist
-        lr = cfg.lr
-        if lr is None:
-            ratio = cfg.batch_size * dist.world_size / cfg.lr_base_size
-            scale = cfg.lr_base_scale or ('sqrt' if any(o in cfg.opt.lower() for o in ('ada', 'lamb')) else 'linear')
-            lr = cfg.lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
-        self.lr = lr
+        cfg = self.cfg
+        self.lr = cfg.lr  # given, or scaled to the batch by the recipe
         try:
             self.optimizer = create_optimizer_v2(self.model, filter_bias_and_bn=cfg.filter_bias_and_bn,
-                                                 **optimizer_kwargs(dataclasses.replace(cfg, lr=lr)))
+                                                 **optimizer_kwargs(cfg))
         except (ValueError, AssertionError) as e:
             raise ConfigError(f'--opt {cfg.opt}: {e}') from e
         self.autocast = autocast_for(self.device, cfg.amp, cfg.amp_dtype)

@@ -22,6 +22,27 @@ benchmark (three sets of 150 images at 32-48 px, 12 epochs, AdamW):
   validation (:mod:`epsanet.train.precise_bn`): with a handful of steps per epoch the running averages
   lag behind the weights and validation sat at chance for epochs while the training loss fell.
 
+How long a run is, and how big its steps are, follows from one principle: **every run gets enough
+optimizer steps**, :data:`MIN_STEPS_PER_EPOCH` per epoch and a budget in all, and the lr follows the batch
+by timm's own rule. Nothing here was fitted to a benchmark set:
+
+* ``batch_size``: the largest even batch up to timm's :data:`MAX_BATCH` that still gives
+  :data:`MIN_STEPS_PER_EPOCH` optimizer steps per epoch on each process (the loader drops the last partial
+  batch), and at least :data:`MIN_BATCH` images (BatchNorm normalises over the batch). With timm's 128 on a
+  few hundred images an epoch is one or two steps: the lr schedule, the BatchNorm running averages and the
+  per-epoch validation then have nothing to work with;
+* ``lr``: scaled from timm's reference, ``--lr-base`` (0.1) for a global batch of ``--lr-base-size`` (256),
+  by the linear rule (Goyal et al. 2017), or the square-root rule for adaptive optimizers (Adam*, Lamb,
+  Ada*): what timm's train.py does; ``--lr-base-scale`` chooses;
+* ``epochs``: as many as give the step budget of the BiT-HyperRule (Kolesnikov et al. 2020, "Big
+  Transfer", section 3.3): :data:`STEP_BUDGETS`: 500 optimizer steps below 20 000 training images, 10 000
+  below 500 000, 20 000 above; at most timm's :data:`MAX_EPOCHS`. A few hundred images at 10 steps per
+  epoch make 50 epochs, not timm's 300.
+
+A batch given by the user that leaves fewer than :data:`MIN_STEPS_PER_EPOCH` steps per epoch gets one
+warning line naming the smaller batch the rule would pick (none when the rule's batch is not smaller: a
+set under :data:`MIN_BATCH` x 10 images). A set smaller than :data:`MIN_BATCH` is one batch.
+
 Only fields left at ``None`` are picked: a value from a flag, ``--config`` or the Python API always
 wins. The recipes under ``configs/`` set their augmentation, smoothing and warm-up themselves.
 """
@@ -34,10 +55,23 @@ from PIL import Image
 
 from ..data.image import UNREADABLE_ERRORS
 
-__all__ = ['AUTO_FIELDS', 'DataSummary', 'summarize', 'pick_recipe', 'apply_recipe', 'model_img_size']
+__all__ = ['AUTO_FIELDS', 'STEP_FIELDS', 'DataSummary', 'Schedule', 'summarize', 'pick_schedule', 'pick_recipe',
+           'apply_recipe', 'model_img_size']
 
 #: fields of :class:`~epsanet.train.TrainConfig` that ``None`` leaves to the recipe
 AUTO_FIELDS = ('scale', 'color_jitter', 'crop_pct', 'smoothing', 'warmup_epochs', 'sched_on_updates', 'bn_recalibrate')
+#: fields of :class:`~epsanet.train.TrainConfig` that ``None`` leaves to :func:`pick_schedule`
+STEP_FIELDS = ('batch_size', 'lr', 'epochs')
+#: timm's train.py batch size: the recipe's batch when the data give enough steps per epoch with it
+MAX_BATCH = 128
+#: smallest batch the recipe picks: BatchNorm normalises over the batch
+MIN_BATCH = 8
+#: optimizer steps per epoch the recipe's batch gives; a given batch with fewer gets a warning
+MIN_STEPS_PER_EPOCH = 10
+#: (fewer training images than, optimizer steps in all) for a run without --epochs: the BiT-HyperRule's
+STEP_BUDGETS = ((20_000, 500), (500_000, 10_000), (None, 20_000))
+#: most epochs the recipe picks (timm's default)
+MAX_EPOCHS = 300
 #: from this many training images on, timm's ImageNet augmentation is used
 LARGE_DATA = 10_000
 #: input sizes up to this many px are evaluated without a centre crop
@@ -83,6 +117,67 @@ def summarize(paths: Sequence[str], num_classes: int, sample: int = 32, num_imag
     return DataSummary(num_images=count, num_classes=num_classes, grey=bool(grey) and all(grey))
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """What :func:`pick_schedule` settles: the step settings, the run's length, and why (picked fields only)."""
+    batch_size: int
+    lr: float
+    epochs: int
+    steps_per_epoch: int
+    why: Dict[str, str]
+    warning: str = ''
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def _rule_batch(per_process: int) -> int:
+    batch = per_process // MIN_STEPS_PER_EPOCH
+    batch = min(MAX_BATCH, max(MIN_BATCH, batch - batch % 2))
+    return max(1, min(batch, per_process))  # a set smaller than MIN_BATCH: all of it, one step per epoch
+
+
+def pick_schedule(num_images: int, world_size: int = 1, batch_size: Optional[int] = None, lr: Optional[float] = None,
+                  epochs: Optional[int] = None, opt: str = 'sgd', lr_base: float = 0.1, lr_base_size: int = 256,
+                  lr_base_scale: str = '') -> Schedule:
+    """Batch size, lr and epochs for ``num_images`` training images over ``world_size`` processes, by the
+    principle of the module docstring; given values (not ``None``) are kept and only explained."""
+    per_process = math.ceil(num_images / world_size)
+    why: Dict[str, str] = {}
+    warning = ''
+    rule_batch = _rule_batch(per_process)
+    batch = rule_batch if batch_size is None else batch_size
+    steps = per_process // batch
+    over = f'{per_process} images per process' if world_size > 1 else f'{num_images} images'
+    if batch_size is None:
+        if batch == MAX_BATCH:
+            why['batch_size'] = f"batch {batch} (timm's; {steps} steps per epoch over {over})"
+        elif steps >= MIN_STEPS_PER_EPOCH:
+            why['batch_size'] = (f'batch {batch} (the largest with >= {MIN_STEPS_PER_EPOCH} steps per epoch: {steps} '
+                                 f'over {over})')
+        else:
+            why['batch_size'] = (f'batch {batch} (the smallest the recipe uses: {steps} step{"s" if steps > 1 else ""} '
+                                 f'per epoch over {over})')
+    elif 0 < steps < MIN_STEPS_PER_EPOCH and batch > rule_batch:
+        warning = (f'--batch-size {batch} gives {steps} optimizer step{"s" if steps > 1 else ""} per epoch over {over} '
+                   f'(fewer than {MIN_STEPS_PER_EPOCH}): the lr schedule and the BatchNorm statistics get few updates. '
+                   f'Try --batch-size {rule_batch}, or leave --batch-size unset.')
+    if lr is None:
+        scale = lr_base_scale or ('sqrt' if any(o in opt.lower() for o in ('ada', 'lamb')) else 'linear')
+        ratio = batch * world_size / lr_base_size
+        lr = lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
+        why['lr'] = f'lr {lr:.3g} (--lr-base {lr_base:g} per {lr_base_size} images, {scale} rule, --opt {opt})'
+    if epochs is None:
+        budget = next(b for limit, b in STEP_BUDGETS if limit is None or num_images < limit)
+        epochs = min(MAX_EPOCHS, max(1, math.ceil(budget / max(1, steps))))
+        limits = [limit for limit, _ in STEP_BUDGETS if limit is not None]
+        bound = next((f'< {limit}' for limit in limits if num_images < limit), f'>= {limits[-1]}')
+        why['epochs'] = (f'{epochs} epoch{"s" if epochs > 1 else ""} (the step budget for {bound} images: {budget}'
+                         f'{f", at most {MAX_EPOCHS} epochs" if epochs == MAX_EPOCHS else ""})')
+    return Schedule(batch, lr, epochs, steps, why, warning)
+
+
 def pick_recipe(data: DataSummary, img_size: int, epochs: int,
                 warmup_epochs: Optional[int] = None) -> Tuple[Dict[str, Any], List[str]]:
     """Values for every field of :data:`AUTO_FIELDS` and, for each, why (short phrases).
@@ -125,18 +220,28 @@ def pick_recipe(data: DataSummary, img_size: int, epochs: int,
     return values, [why[f] for f in AUTO_FIELDS]
 
 
-def apply_recipe(cfg: Any, data: DataSummary, img_size: int) -> Tuple[Any, str]:
-    """``cfg`` with the recipe's values in the fields the user left at ``None``, and one line saying
-    what was picked and why (empty when the user set every field)."""
-    values, reasons = pick_recipe(data, img_size, cfg.epochs, cfg.warmup_epochs)
-    auto = [f for f in AUTO_FIELDS if getattr(cfg, f) is None]
+def apply_recipe(cfg: Any, data: DataSummary, img_size: int, world_size: int = 1) -> Tuple[Any, str, str]:
+    """``cfg`` with the recipe's values in the fields the user left at ``None``; one line saying what was
+    picked and why, and how long the run is (empty when the user set every field); and a warning line
+    (empty unless a given batch size leaves too few steps per epoch)."""
+    sched = pick_schedule(data.num_images, world_size, cfg.batch_size, cfg.lr, cfg.epochs, cfg.opt, cfg.lr_base,
+                          cfg.lr_base_size, cfg.lr_base_scale)
+    values, reasons = pick_recipe(data, img_size, sched.epochs, cfg.warmup_epochs)
+    values.update(batch_size=sched.batch_size, lr=sched.lr, epochs=sched.epochs)
+    auto = [f for f in (*STEP_FIELDS, *AUTO_FIELDS) if getattr(cfg, f) is None]
     if not auto:
-        return cfg, ''
+        return cfg, '', sched.warning
     kind = 'grey' if data.grey else 'colour'
-    picked = [r for f, r in zip(AUTO_FIELDS, reasons) if f in auto]
+    picked = [sched.why[f] for f in STEP_FIELDS if f in auto]
+    picked += [r for f, r in zip(AUTO_FIELDS, reasons) if f in auto]
     line = (f'recipe for {data.num_images} {kind} images, {data.num_classes} classes, {img_size} px: '
-            f'{", ".join(picked)}. Set --{" --".join(f.replace("_", "-") for f in auto)} (or --config) to choose.')
-    return dataclasses.replace(cfg, **{f: values[f] for f in auto}), line
+            f'{", ".join(picked)}. The run: {sched.epochs} epoch{"s" if sched.epochs > 1 else ""} x '
+            f'{sched.steps_per_epoch} steps = '
+            f'{sched.total_steps} optimizer steps. Set --{" --".join(f.replace("_", "-") for f in auto)} (or --config) '
+            'to choose.')
+    return dataclasses.replace(cfg, **{f: values[f] for f in auto}), line, sched.warning
+
+
 
 
 def model_img_size(model: Union[str, Any]) -> int:

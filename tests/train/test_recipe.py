@@ -10,10 +10,21 @@ from PIL import Image
 
 from epsanet.app.flags import parse_config
 from epsanet.data import write_image_folder
-from epsanet.train import TrainConfig, train
-from epsanet.train.recipe import AUTO_FIELDS, DataSummary, apply_recipe, model_img_size, pick_recipe, summarize
+from epsanet.train import Callback, TrainConfig, train
+from epsanet.train.recipe import (
+    AUTO_FIELDS,
+    MIN_STEPS_PER_EPOCH,
+    STEP_FIELDS,
+    DataSummary,
+    apply_recipe,
+    model_img_size,
+    pick_recipe,
+    pick_schedule,
+    summarize,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
+LOGGER = 'epsanet.train.loop'
 
 
 def test_small_grey_low_resolution():
@@ -46,23 +57,26 @@ def test_warmup_is_a_tenth_of_the_epochs_on_large_sets(epochs, warmup):
 
 def test_given_values_win_and_the_line_names_only_what_was_picked():
     data = DataSummary(num_images=150, num_classes=3, grey=True)
-    cfg, line = apply_recipe(TrainConfig(epochs=12, scale=(0.08, 1.0), smoothing=0.2, warmup_epochs=3), data,
-                             img_size=32)
+    cfg, line, warning = apply_recipe(TrainConfig(epochs=12, scale=(0.08, 1.0), smoothing=0.2, warmup_epochs=3),
+                                      data, img_size=32)
     assert cfg.scale == (0.08, 1.0) and cfg.smoothing == 0.2 and cfg.warmup_epochs == 3  # given
     assert (cfg.color_jitter, cfg.crop_pct, cfg.sched_on_updates) == (0.0, 1.0, True)  # picked, for the given warm-up
-    assert line.startswith('recipe for 150 grey images, 3 classes, 32 px:') and line.count('\n') == 0
-    assert 'no colour jitter (grey images)' in line and '--color-jitter --crop-pct --sched-on-updates' in line
+    assert line.startswith('recipe for 150 grey images, 3 classes, 32 px: batch 14 (') and line.count('\n') == 0
+    assert 'no colour jitter (grey images)' in line
+    assert 'Set --batch-size --lr --color-jitter --crop-pct --sched-on-updates --bn-recalibrate (or' in line
     assert 'random crop' not in line and 'smoothing' not in line and 'warm-up epoch' not in line
+    assert 'The run: 12 epochs x 10 steps = 120 optimizer steps.' in line and '--epochs' not in line
+    assert not warning
 
 
 def test_flags_and_config_files_win(tmp_path):
     data = DataSummary(num_images=150, num_classes=3, grey=True)
     cfg = parse_config(TrainConfig, ['--data-dir', 'x', '--color-jitter', '0.3', '--crop-pct', '0.9'])
-    cfg, _ = apply_recipe(cfg, data, img_size=32)
+    cfg, _, _ = apply_recipe(cfg, data, img_size=32)
     assert (cfg.color_jitter, cfg.crop_pct, cfg.scale) == (0.3, 0.9, (1.0, 1.0))
     path = tmp_path / 'c.yaml'
     path.write_text('scale: [0.2, 1.0]\nwarmup_epochs: 0\n')
-    cfg, _ = apply_recipe(parse_config(TrainConfig, ['--config', str(path)]), data, img_size=32)
+    cfg, _, _ = apply_recipe(parse_config(TrainConfig, ['--config', str(path)]), data, img_size=32)
     assert cfg.scale == (0.2, 1.0) and cfg.warmup_epochs == 0
 
 
@@ -73,11 +87,81 @@ def test_no_warmup_keeps_the_lr_per_epoch():
     assert apply_recipe(cfg, DataSummary(100, 2, False), img_size=32)[0].sched_on_updates is False
 
 
+# images, processes -> batch, steps per epoch, epochs (500 steps below 20k images, 10k below 500k, else 20k; <= 300)
+@pytest.mark.parametrize('images, world, batch, steps, epochs', [
+    (3, 1, 3, 1, 300),  # fewer than the smallest batch: all of it, one step; 500 steps would be 500 epochs
+    (64, 1, 8, 8, 63),  # the smallest batch the recipe uses, though it gives fewer than 10 steps
+    (96, 1, 8, 12, 42),  # 9 would give 10 steps, but the batch is even
+    (144, 1, 14, 10, 50),  # the issue's set: 10 steps per epoch, 50 epochs, not 1 step and 300 epochs
+    (300, 2, 14, 10, 50),  # per process: 150 images each
+    (1000, 1, 100, 10, 50),
+    (19_999, 1, 128, 156, 4),  # timm's batch once the data give enough steps with it
+    (20_000, 1, 128, 156, 65),
+    (1_281_167, 8, 128, 1251, 16),
+])
+def test_the_batch_gives_enough_steps_and_the_epochs_a_step_budget(images, world, batch, steps, epochs):
+    sched = pick_schedule(images, world_size=world)
+    assert (sched.batch_size, sched.steps_per_epoch, sched.epochs) == (batch, steps, epochs)
+    assert sched.batch_size % 2 == 0 or sched.batch_size == images
+    assert sched.total_steps >= min(500, 300 * steps) and not sched.warning
+    assert set(sched.why) == set(STEP_FIELDS)
+
+
+@pytest.mark.parametrize('opt, scale, batch, world, lr', [
+    ('sgd', '', 14, 1, 0.1 * 14 / 256),  # linear for SGD, from --lr-base 0.1 per 256 images
+    ('momentum', '', 64, 4, 0.1),
+    ('adamw', '', 64, 1, 0.05),  # square root for adaptive optimizers, as timm's train.py
+    ('sgd', 'sqrt', 64, 1, 0.05),
+])
+def test_the_lr_follows_the_global_batch_by_timms_rule(opt, scale, batch, world, lr):
+    sched = pick_schedule(batch * world * MIN_STEPS_PER_EPOCH, world_size=world, opt=opt, lr_base_scale=scale)
+    assert sched.batch_size == batch and sched.lr == pytest.approx(lr)
+    assert f'{scale or ("sqrt" if opt == "adamw" else "linear")} rule' in sched.why['lr']
+
+
+def test_given_step_settings_are_kept_and_only_explained():
+    sched = pick_schedule(150, batch_size=15, lr=0.3, epochs=7)
+    assert (sched.batch_size, sched.lr, sched.epochs, sched.steps_per_epoch) == (15, 0.3, 7, 10)
+    assert sched.why == {} and sched.warning == ''
+    given_batch = pick_schedule(150, batch_size=32)
+    assert given_batch.lr == pytest.approx(0.1 * 32 / 256) and given_batch.epochs == 125  # 4 steps per epoch
+
+
+@pytest.mark.parametrize('images, batch, world, steps', [(144, 128, 1, 1), (150, 32, 1, 4), (400, 32, 2, 6)])
+def test_a_given_batch_with_few_steps_gets_one_warning(images, batch, world, steps):
+    sched = pick_schedule(images, world_size=world, batch_size=batch)
+    better = pick_schedule(images, world_size=world).batch_size
+    assert sched.warning.startswith(f'--batch-size {batch} gives {steps} optimizer step')
+    assert f'(fewer than {MIN_STEPS_PER_EPOCH})' in sched.warning and sched.warning.count('\n') == 0
+    assert sched.warning.endswith(f'Try --batch-size {better}, or leave --batch-size unset.')
+    assert not pick_schedule(images, world_size=world, batch_size=better).warning
+
+
+def test_step_flags_config_and_api_win(tmp_path):
+    data = DataSummary(num_images=150, num_classes=3, grey=True)
+    cfg, line, _ = apply_recipe(parse_config(TrainConfig, ['-b', '10', '--lr', '0.02', '--epochs', '3']), data, 32)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs) == (10, 0.02, 3)
+    assert 'batch ' not in line and 'lr 0' not in line and 'epochs (' not in line
+    assert 'The run: 3 epochs x 15 steps = 45 optimizer steps.' in line
+    path = tmp_path / 'c.yaml'
+    path.write_text('batch_size: 30\nepochs: 2\n')
+    cfg, line, warning = apply_recipe(parse_config(TrainConfig, ['--config', str(path)]), data, 32)
+    assert (cfg.batch_size, cfg.epochs, cfg.lr) == (30, 2, pytest.approx(0.1 * 30 / 256))  # the lr follows the batch
+    assert 'lr 0.0117 (--lr-base 0.1 per 256 images, linear rule, --opt sgd)' in line
+    assert 'Try --batch-size 14' in warning
+    cfg, line, _ = apply_recipe(TrainConfig(batch_size=50, lr=1e-3, epochs=4), data, 32)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs) == (50, 1e-3, 4)
+    unset, line, _ = apply_recipe(TrainConfig(), data, 32)
+    assert (unset.batch_size, unset.epochs) == (14, 50)
+    assert '50 epochs (the step budget for < 20000 images: 500)' in line
+    assert 'The run: 50 epochs x 10 steps = 500 optimizer steps.' in line
+
+
 @pytest.mark.parametrize('name', ['epsanet50.yaml', 'epsanet101_large.yaml'])
 def test_imagenet_recipe_is_untouched(name):
     cfg = parse_config(TrainConfig, ['--config', str(CONFIGS / 'imagenet' / name), '--data-dir', 'x'])
     small = DataSummary(num_images=100, num_classes=3, grey=True)  # even on data it was not made for
-    picked, line = apply_recipe(cfg, small, img_size=32)
+    picked, line, _ = apply_recipe(cfg, small, img_size=32)
     # only the lr update interval and BatchNorm recalibration are left open; without warm-up the lr stays on timm's
     # per-epoch schedule, and on ImageNet-sized data the running statistics are kept as trained
     assert picked == dataclasses.replace(cfg, sched_on_updates=False, bn_recalibrate=True)
@@ -92,7 +176,7 @@ def test_every_shipped_config_sets_the_recipe_fields():
     for path in CONFIGS.rglob('*.yaml'):
         text = yaml.safe_load(path.read_text())
         optional = ('crop_pct', 'sched_on_updates', 'bn_recalibrate')
-        missing = [f for f in AUTO_FIELDS if f not in text and f not in optional]
+        missing = [f for f in (*STEP_FIELDS, *AUTO_FIELDS) if f not in text and f not in optional]
         assert not missing, f'{path.name} leaves {missing} to the recipe'
 
 
@@ -119,18 +203,42 @@ def test_model_img_size():
 
 @pytest.mark.slow
 def test_training_logs_the_picked_recipe_once_and_saves_it(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger='epsanet.train.loop')
-    data = write_image_folder(tmp_path / 'd', classes=('a', 'b'), splits={'train': 4, 'val': 1})
-    result = train(TrainConfig(data_dir=str(data), output=str(tmp_path / 'run'), img_size=32, batch_size=4, epochs=1,
-                               workers=0, opt='sgd', lr=0.01, progress=False, smoothing=0.0))
+    """One short real run with nothing but the data, the size and one epoch: the recipe's batch gives the
+    minimum number of steps, the line says so, and args.yaml keeps what was picked."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    data = write_image_folder(tmp_path / 'd', classes=('a', 'b'), splits={'train': 40, 'val': 1})
+    steps = []
+
+    class Steps(Callback):
+        def on_step(self, epoch, step, loss, lr):
+            steps.append((epoch, step, lr))
+
+    result = train(TrainConfig(data_dir=str(data), output=str(tmp_path / 'run'), img_size=32, epochs=1, workers=0,
+                               progress=False), callbacks=[Steps()])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('recipe for')]
-    assert lines == ['recipe for 8 colour images, 2 classes, 32 px: no random crop (8 images < 10000), no colour '
-                     'jitter (8 images < 10000), no eval centre crop (32 px <= 64), no warm-up (8 images < 10000), lr '
-                     'updated every epoch, BatchNorm statistics recomputed before each validation. Set --scale '
-                     '--color-jitter --crop-pct --warmup-epochs --sched-on-updates --bn-recalibrate (or --config) to '
-                     'choose.']
+    assert lines == ['recipe for 80 colour images, 2 classes, 32 px: batch 8 (the largest with >= 10 steps per epoch: '
+                     '10 over 80 images), lr 0.00313 (--lr-base 0.1 per 256 images, linear rule, --opt sgd), no '
+                     'random crop (80 images < 10000), no colour jitter (80 images < 10000), no eval centre crop (32 '
+                     'px <= 64), no label smoothing (80 images < 10000), no warm-up (80 images < 10000), lr updated '
+                     'every epoch, BatchNorm statistics recomputed before each validation. The run: 1 epoch x 10 '
+                     'steps = 10 optimizer steps. Set --batch-size --lr --scale --color-jitter --crop-pct --smoothing '
+                     '--warmup-epochs --sched-on-updates --bn-recalibrate (or --config) to choose.']
+    assert len(steps) == MIN_STEPS_PER_EPOCH and steps[0][2] == pytest.approx(0.1 * 8 / 256)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == LOGGER]
     saved = yaml.safe_load((result.output_dir / 'args.yaml').read_text())
+    assert (saved['batch_size'], saved['lr'], saved['epochs']) == (8, pytest.approx(0.1 * 8 / 256), 1)
     assert (saved['scale'], saved['color_jitter'], saved['crop_pct'], saved['warmup_epochs']) == ([1.0, 1.0], 0.0,
                                                                                                   1.0, 0)
-    assert saved['sched_on_updates'] is False and saved['bn_recalibrate'] is True
-    assert saved['smoothing'] == 0.0
+    assert saved['sched_on_updates'] is False and saved['bn_recalibrate'] is True and saved['smoothing'] == 0.0
+
+
+@pytest.mark.slow
+def test_training_warns_once_about_a_given_batch_with_few_steps(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    data = write_image_folder(tmp_path / 'd', classes=('a', 'b'), splits={'train': 40, 'val': 1})
+    train(TrainConfig(data_dir=str(data), output=str(tmp_path / 'run'), img_size=32, epochs=1, batch_size=16,
+                      workers=0, progress=False))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == LOGGER]
+    assert warnings == ['--batch-size 16 gives 5 optimizer steps per epoch over 80 images (fewer than 10): the lr '
+                        'schedule and the BatchNorm statistics get few updates. Try --batch-size 8, or leave '
+                        '--batch-size unset.']

@@ -24,8 +24,8 @@ from .data import data_config_for
 from .errors import CheckpointError, ConfigError
 from .flags import Options, arg
 
-__all__ = ['InferenceModelOptions', 'build_model', 'check_classes', 'check_img_size', 'is_timm_source',
-           'load_for_inference', 'min_img_size', 'weights_num_classes']
+__all__ = ['InferenceModelOptions', 'build_model', 'check_classes', 'check_img_size', 'check_model_name',
+           'is_timm_source', 'load_for_inference', 'min_img_size', 'weights_num_classes']
 
 _logger = logging.getLogger(__name__)
 
@@ -68,12 +68,7 @@ def build_model(
         weights_flag: the flag that gives a weights file, named in errors (``--checkpoint`` for inference).
         kwargs: passed to ``timm.create_model`` (``drop_rate``, ``features_only``, ...).
     """
-    import epsanet  # noqa: F401  (registers the models)
-
-    if not timm.is_model(name):  # accepts tags, e.g. epsanet50.in1k
-        close = timm.list_models(f'*{name.split("_")[0]}*')[:8]
-        raise ConfigError(f'unknown model "{name}". EPSANet models: {", ".join(epsanet.MODEL_NAMES)}'
-                          + (f'; similar timm names: {", ".join(close)}' if close else '') + '.')
+    check_model_name(name)
     if checkpoint and os.path.isfile(checkpoint):
         return _from_file(name, Path(checkpoint), num_classes, adapt_classifier, kwargs)
     if checkpoint:
@@ -135,12 +130,21 @@ def _from_source(name: str, source: str, num_classes: Optional[int], kwargs: Dic
         raise CheckpointError(f'the weights in {source} do not fit {name}: {e}') from e
 
 
+def check_model_name(name: str) -> None:
+    """A :class:`ConfigError` naming the EPSANet models (and similar timm names) unless ``name`` is a timm model."""
+    import epsanet  # (registers the models)
+
+    if not timm.is_model(name):  # accepts tags, e.g. epsanet50.in1k
+        close = timm.list_models(f'*{name.split("_")[0]}*')[:8]
+        raise ConfigError(f'unknown model "{name}". EPSANet models: {", ".join(epsanet.MODEL_NAMES)}'
+                          + (f'; similar timm names: {", ".join(close)}' if close else '') + '.')
+
+
 def min_img_size(model: Union[str, torch.nn.Module]) -> int:
     """The smallest input size a model allows: its output stride (32 for EPSANet), from timm's ``feature_info``.
     A model name is built on the meta device (no memory, no weights)."""
     if isinstance(model, str):
-        import epsanet  # noqa: F401  (registers the models)
-
+        check_model_name(model)
         with torch.device('meta'):
             model = timm.create_model(model)
     info = getattr(model, 'feature_info', None)

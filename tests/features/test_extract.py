@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from epsanet.app.errors import ConfigError
+from epsanet.app.outputs import OutputError
 from epsanet.data import DataError, load_image
 from epsanet.features import ExtractConfig, extract, load, parse_size
 from epsanet.features.writers import SafetensorsStream, TensorSpec, compact_npy, preallocate_npy
@@ -357,7 +358,7 @@ def test_a_foreign_index_json_is_not_replaced_without_overwrite(images, weights,
     out = tmp_path / 'mine'
     out.mkdir()
     (out / 'index.json').write_text('{"something": "else"}')
-    with pytest.raises(ConfigError, match='not the index of an "epsanet extract" output'):
+    with pytest.raises(OutputError, match='index.json already exists and this command did not make it'):
         extract(_cfg(images, weights, out))
     assert (out / 'index.json').read_text() == '{"something": "else"}'
 

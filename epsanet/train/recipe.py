@@ -4,7 +4,7 @@ timm's defaults (random-resized crops down to 8% of the image, colour jitter 0.4
 crop at evaluation, 5 warm-up epochs) are made for ImageNet: a million images, 224 px, 300 epochs.
 No pretrained EPSANet weights exist, so most users train from random init on a few hundred
 images of their own, where those defaults are slow and erratic (measured with
-``scripts/small_data_benchmark.py``, see the README). The rules below were picked with that
+``scripts/small_data_benchmark.py``, see the training page). The rules below were picked with that
 benchmark (three sets of 150 images at 32-48 px, 12 epochs, AdamW):
 
 * ``scale``: below :data:`LARGE_DATA` training images, no random-resized crop (the whole image, flipped):

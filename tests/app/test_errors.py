@@ -23,8 +23,8 @@ def test_os_errors_name_the_path_and_the_cause(code, cause):
 
 
 def test_a_rename_names_both_paths():
-    e = OSError(errno.EXDEV, 'Invalid cross-device link', '/tmp/a', None, '/mnt/b')
-    assert error_message(e) == '/tmp/a -> /mnt/b: Invalid cross-device link'
+    e = OSError(errno.EXDEV, 'Invalid cross-device link', 'run/a.tmp', None, 'other-disk/a')
+    assert error_message(e) == 'run/a.tmp -> other-disk/a: Invalid cross-device link'
 
 
 def test_a_refused_connection_says_so():

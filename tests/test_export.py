@@ -163,6 +163,21 @@ def test_cli_export_loads_weights(model, tmp_path, capsys):
     _assert_matches(model, load_exported(str(out), 'onnx'), 3)  # the file holds the given weights
 
 
+def test_cli_export_refuses_a_num_classes_the_weights_do_not_have(model, tmp_path, capsys):
+    """A wrong --num-classes would otherwise drop the trained classifier for a random one, and the export
+    check (against the same random model) would pass."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / 'w.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    out = tmp_path / 'w.onnx'
+    rc = main(['export', '--format', 'onnx', '--weights', str(weights), '--num-classes', '2',
+               '--img-size', '32', '-o', str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and '--num-classes 2 does not fit' in err and 'has 10 classes' in err
+    assert not out.exists()
+
+
 def test_cli_export_errors(tmp_path, capsys):
     assert main(['export', 'not_a_model', '-o', str(tmp_path / 'x.onnx')]) == 2
     assert 'Unknown model' in capsys.readouterr().err

@@ -172,7 +172,7 @@ def test_ablation_tiny(tmp_path, capsys):
     from epsanet.optimize.transforms import MECHANISMS
 
     out = tmp_path / 'a.json'
-    assert main(['benchmark', '--ablate', '--figures', 'infer', 'train', '--batch-size', '1', '--img-size', '32',
+    assert main(['benchmark', '--ablate', '--figures', 'infer', 'train', '--batch-size', '2', '--img-size', '32',
                  '--repeats', '1', '--no-progress', '--json', str(out)]) == 0
     data = json.loads(out.read_text())
     expected = {(m, f) for m in MECHANISMS for f in WORTH[m][1] if f in ('infer', 'train')}

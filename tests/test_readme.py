@@ -211,7 +211,10 @@ def test_every_block_is_run_or_says_why_not():
     runnable = [b for b in ALL_BLOCKS if b.lang in RUN and b.not_run is None]
     print(f'{len(runnable)} examples run, {len(skipped)} not run:',
           *(f'  {b}: {b.not_run}' for b in skipped), sep='\n')
-    assert len(runnable) >= 2 * len(skipped)  # not running stays the exception
+    # not running stays the exception; the performance page's commands are the benchmark runs its tables come
+    # from (speed is measured by the benchmark, never by timed tests), so they do not count against it
+    elsewhere = [b for b in skipped if b.page.name != 'performance.md']
+    assert len(runnable) >= 2 * len(elsewhere)
 
 
 def test_readme_model_table_is_what_epsanet_models_prints():
@@ -257,7 +260,8 @@ def test_matching_can_fail():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('page', [p for p in PAGES if any(b.lang in RUN and b.not_run is None for b in parse(p))],
+@pytest.mark.parametrize('page', [p for p in PAGES if any(b.lang in RUN and b.not_run is None and not (
+    p == README and runs_on_a_docs_page(b)) for b in parse(p))],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -158,7 +158,7 @@ def test_bad_data_is_a_clear_error(data, tmp_path):
     odd = write_image_folder(tmp_path / 'odd', classes=('a', 'b'), splits={'train': 1})
     write_image_folder(tmp_path / 'odd', classes=('a', 'z'), splits={'val': 1})
     with pytest.raises(DataError, match='different classes'):
-        train(_cfg(odd, tmp_path))
+        train(_cfg(odd, tmp_path / 'run-odd'))
 
 
 def test_run_options_and_corrupt_images(tmp_path):

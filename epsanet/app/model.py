@@ -15,11 +15,10 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..data import DataError, dataset_classes
-from ..weights.loading import NoPretrainedWeightsError, WeightsError, download_url, read_state_dict, weights_overlay
-from ..weights.metadata import read_weights_metadata
+from ..weights.loading import NoPretrainedWeightsError, WeightsError, download_url, weights_overlay
+from ..weights.metadata import read_weights_metadata, stored_num_classes
 from .data import data_config_for
 from .errors import CheckpointError, ConfigError
 from .flags import Options, arg
@@ -32,18 +31,10 @@ _logger = logging.getLogger(__name__)
 
 def weights_num_classes(path: Union[str, os.PathLike], classifier: str = 'fc') -> Optional[int]:
     """Number of classes of the classifier stored in a weights file (``None`` when it has none)."""
-    key = f'{classifier}.weight'
-    if str(path).endswith('.safetensors'):
-        try:
-            with safe_open(str(path), framework='pt') as f:
-                return f.get_slice(key).get_shape()[0] if key in f.keys() else None
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f'cannot read {path} as safetensors ({e}).') from e
     try:
-        state_dict = read_state_dict(path)
+        return stored_num_classes(path, classifier)
     except WeightsError as e:
         raise CheckpointError(str(e)) from e
-    return state_dict[key].shape[0] if key in state_dict else None
 
 
 def build_model(

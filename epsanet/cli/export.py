@@ -9,8 +9,8 @@ except ImportError:  # not where this torch keeps them: the range every supporte
     ONNX_MIN_OPSET, ONNX_MAX_OPSET = 7, 17
 
 from ..app.flags import Bound
-from ..app.model import weights_num_classes
 from ..app.outputs import add_overwrite_argument, check_output_file
+from ..weights.metadata import stored_num_classes
 from . import CLIError
 
 COMMAND = 'export'
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(in_chans=args.in_chans)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
-        stored = weights_num_classes(args.weights) if args.weights and os.path.isfile(args.weights) else None
+        stored = stored_num_classes(args.weights) if args.weights and os.path.isfile(args.weights) else None
         if stored is not None and stored != args.num_classes:  # else the export would get a random classifier
             raise CLIError(f'--num-classes {args.num_classes} does not fit --weights {args.weights}, whose '
                            f'classifier has {stored} classes; leave --num-classes out to use {stored}.')

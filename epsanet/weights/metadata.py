@@ -6,13 +6,13 @@ reads them back.
 """
 import json
 import os
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from safetensors import SafetensorError, safe_open
 
-from .loading import WeightsError
+from .loading import WeightsError, read_state_dict
 
-__all__ = ['encode_metadata', 'read_weights_metadata']
+__all__ = ['encode_metadata', 'read_weights_metadata', 'stored_num_classes']
 
 _META_PREFIX = 'epsanet.'
 
@@ -39,3 +39,17 @@ def read_weights_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
             except json.JSONDecodeError:
                 out[k[len(_META_PREFIX):]] = v
     return out
+
+
+def stored_num_classes(path: Union[str, os.PathLike], classifier: str = 'fc') -> Optional[int]:
+    """Number of classes of the classifier stored in a weights file (``None`` when it has none); a
+    safetensors file is read from its header alone."""
+    key = f'{classifier}.weight'
+    if str(path).endswith('.safetensors'):
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                return f.get_slice(key).get_shape()[0] if key in f.keys() else None
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f'cannot read {path} as safetensors ({e}).') from e
+    state_dict = read_state_dict(path)
+    return state_dict[key].shape[0] if key in state_dict else None

@@ -29,8 +29,8 @@ FLOOR_TESTS = (
     'tests/test_predict.py::test_cli_prints_names_summary_and_strict_fails',
     'tests/cli/test_validate.py::test_validate_cli_results_file',
     'tests/cli/test_extract.py::test_extract_cli_prelogits_and_stages',
-    'tests/test_export.py::test_onnx_dynamic_batch_matches_pytorch',
-    'tests/test_export.py::test_cli_export_loads_weights',
+    'tests/export/test_export.py::test_onnx_dynamic_batch_matches_pytorch',
+    'tests/export/test_export.py::test_cli_export_loads_weights',
     'tests/optimize/test_transforms.py::test_training_transform_equals_the_plain_model[epsanet50]',
     'tests/optimize/test_transforms.py::test_float32_transforms_stay_close',
     'tests/optimize/test_transforms.py::test_inference_transform_folds_and_cannot_train',
@@ -47,8 +47,8 @@ NEEDS_NEWER = {  # node-id prefixes
     'tests/weights/test_hub.py': _NO_HF_DATA_CONFIG,  # its Hub repo fixture is an `epsanet convert` folder
     'tests/weights/test_label_names.py': _NO_HF_DATA_CONFIG,
     'tests/cli/test_convert_cli.py': _NO_HF_DATA_CONFIG,
-    'tests/test_export.py::test_exported_program_dynamic_batch_matches_pytorch': _NO_EXPORT_DIM,
-    'tests/test_export.py::test_large_model_exports[exported-program-m.pt2]': _NO_EXPORT_DIM,
+    'tests/export/test_export.py::test_exported_program_dynamic_batch_matches_pytorch': _NO_EXPORT_DIM,
+    'tests/export/test_export.py::test_large_model_exports[exported-program-m.pt2]': _NO_EXPORT_DIM,
     'tests/models/test_timm_contract.py::test_torch_export': _NO_EXPORT_DIM,
 }
 

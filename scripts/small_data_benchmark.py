@@ -186,11 +186,12 @@ def build(name: str, root: Path) -> Path:
 # ---- the trainers --------------------------------------------------------------------------------------------------
 def run_defaults(data: Path, img_size: int, seed: int, epochs: Optional[int], out: Path, extra: Sequence[str]) -> Dict:
     """``epsanet train`` as a user runs it: data, model, size and (unless ``None``) the epochs; no recipe flag.
-    ``--workers 0``, ``--seed``, ``--output`` and ``--no-progress`` only run it here; ``extra`` adds flags
-    (experiments). A run that stops with an error (e.g. fewer images than one batch) counts as 0%."""
+    ``--workers 0``, ``--seed``, ``--output``, ``--overwrite`` (a rerun replaces its run) and ``--no-progress``
+    only run it here; ``extra`` adds flags (experiments). A run that stops with an error (e.g. fewer images than
+    one batch) counts as 0%."""
     argv = ['--data-dir', str(data), '--model', 'epsanet50', '--img-size', str(img_size),
             *(['--epochs', str(epochs)] if epochs else []),
-            '--workers', '0', '--seed', str(seed), '--output', str(out), '--no-progress', *extra]
+            '--workers', '0', '--seed', str(seed), '--output', str(out), '--overwrite', '--no-progress', *extra]
     cfg: TrainConfig = parse_config(TrainConfig, argv)
     try:
         result = train(cfg)

@@ -3,7 +3,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
-from ..app.flags import Options, arg
+from ..app.flags import Options, arg, default_workers
 from ..app.outputs import overwrite_option
 
 __all__ = ['TrainConfig']
@@ -15,7 +15,7 @@ D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisati
 class TrainConfig(Options):
     """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted.
 
-    The fields of :data:`epsanet.train.recipe.STEP_FIELDS` (batch size, lr, epochs) and
+    The fields of :data:`epsanet.train.recipe.STEP_FIELDS` (optimizer, batch size, lr, epochs) and
     :data:`~epsanet.train.recipe.AUTO_FIELDS` default to ``None``: training picks them from the data
     (:mod:`epsanet.train.recipe`) and logs what it picked; any value given wins.
     """
@@ -26,7 +26,8 @@ class TrainConfig(Options):
     dataset: str = arg('', DATASET_HELP, D)
     class_map: str = arg('', CLASS_MAP_HELP, D)
     dataset_download: bool = arg(False, DOWNLOAD_HELP, D)
-    workers: int = arg(4, 'data loading worker processes per process', D, aliases=('-j',))
+    workers: int = arg(default_workers(4), 'data loading worker processes per process (default: 4, at most the CPUs)',
+                       D, aliases=('-j',))
     strict: bool = arg(False, 'check every image before training and fail on unreadable ones (default: skip '
                               'and count them)', D)
     pin_mem: bool = arg(False, 'pin CPU memory in the data loader (faster GPU copies)', D)
@@ -74,8 +75,8 @@ class TrainConfig(Options):
     model_ema: bool = arg(False, 'keep an exponential moving average of the weights (validated and saved as best)', A)
     model_ema_decay: float = arg(0.9998, 'EMA decay', A)
     # optimizer
-    opt: str = arg('sgd', 'optimizer (any name of timm.optim.create_optimizer_v2: sgd, momentum, adamw, lamb, ...)',
-                   OPT)
+    opt: Optional[str] = arg(None, 'optimizer, any name of timm.optim.create_optimizer_v2: sgd, momentum, adamw, lamb, '
+                                   '... (default: picked from the data: adamw below 10000 images, else sgd)', OPT)
     opt_eps: Optional[float] = arg(None, 'optimizer epsilon', OPT)
     opt_betas: Optional[Tuple[float, ...]] = arg(None, 'optimizer betas', OPT, metavar='BETA')
     momentum: float = arg(0.9, 'SGD momentum', OPT)
@@ -92,8 +93,10 @@ class TrainConfig(Options):
     validation_batch_size: Optional[int] = arg(None, 'validation batch size (default: --batch-size)', OPT)
     # schedule
     lr: Optional[float] = arg(None, 'learning rate (default: --lr-base scaled to the global batch size)', S)
-    lr_base: float = arg(0.1, 'lr for a global batch of --lr-base-size', S)
-    lr_base_size: int = arg(256, 'global batch size --lr-base refers to', S)
+    lr_base: Optional[float] = arg(None, 'lr for a global batch of --lr-base-size (default: 0.1 for the linear rule, '
+                                         "timm's; 1e-3 for the square-root rule, Adam's default)", S)
+    lr_base_size: Optional[int] = arg(None, 'global batch size --lr-base refers to (default: 256 for the linear rule, '
+                                            '16 for the square-root rule)', S)
     lr_base_scale: str = arg('', 'lr scaling with batch size: linear or sqrt (default: sqrt for adaptive '
                                  'optimizers, else linear)', S)
     sched: str = arg('cosine', 'lr schedule', S, choices=('cosine', 'step', 'multistep', 'plateau', 'tanh', 'poly',

@@ -22,22 +22,32 @@ benchmark (three sets of 150 images at 32-48 px, 12 epochs, AdamW):
   validation (:mod:`epsanet.train.precise_bn`): with a handful of steps per epoch the running averages
   lag behind the weights and validation sat at chance for epochs while the training loss fell.
 
-How long a run is, and how big its steps are, follows from one principle: **every run gets enough
-optimizer steps**, :data:`MIN_STEPS_PER_EPOCH` per epoch and a budget in all, and the lr follows the batch
-by timm's own rule. Nothing here was fitted to a benchmark set:
+How long a run is, how big its steps are and what takes them follows from one principle: **every run gets
+enough optimizer steps**, a budget in all and :data:`MIN_STEPS_PER_EPOCH` per epoch, and steps that move a
+randomly initialised network within that budget. Nothing here was fitted to a benchmark set:
 
-* ``batch_size``: the largest even batch up to timm's :data:`MAX_BATCH` that still gives
+* ``epochs`` (when not given): as many as give the step budget of the BiT-HyperRule (Kolesnikov et al. 2020,
+  "Big Transfer", section 3.3): :data:`STEP_BUDGETS`: 500 optimizer steps below 20 000 training images,
+  10 000 below 500 000, 20 000 above; at most timm's :data:`MAX_EPOCHS`. A few hundred images at 10 steps
+  per epoch make 50 epochs, not timm's 300;
+* ``batch_size``: the largest even batch up to timm's :data:`MAX_BATCH` that gives
   :data:`MIN_STEPS_PER_EPOCH` optimizer steps per epoch on each process (the loader drops the last partial
-  batch), and at least :data:`MIN_BATCH` images (BatchNorm normalises over the batch). With timm's 128 on a
-  few hundred images an epoch is one or two steps: the lr schedule, the BatchNorm running averages and the
-  per-epoch validation then have nothing to work with;
-* ``lr``: scaled from timm's reference, ``--lr-base`` (0.1) for a global batch of ``--lr-base-size`` (256),
-  by the linear rule (Goyal et al. 2017), or the square-root rule for adaptive optimizers (Adam*, Lamb,
-  Ada*): what timm's train.py does; ``--lr-base-scale`` chooses;
-* ``epochs``: as many as give the step budget of the BiT-HyperRule (Kolesnikov et al. 2020, "Big
-  Transfer", section 3.3): :data:`STEP_BUDGETS`: 500 optimizer steps below 20 000 training images, 10 000
-  below 500 000, 20 000 above; at most timm's :data:`MAX_EPOCHS`. A few hundred images at 10 steps per
-  epoch make 50 epochs, not timm's 300.
+  batch). When the epochs are given, the batch also shrinks until those epochs hold the step budget, down
+  to :data:`BN_BATCH` (16: BatchNorm, which normalises over the batch, degrades below it; Wu & He 2018,
+  "Group Normalization", figure 1). Never below :data:`MIN_BATCH`. With timm's 128 on a few hundred images
+  an epoch is one or two steps: the lr schedule, the BatchNorm running averages and the per-epoch
+  validation then have nothing to work with;
+* ``opt``: AdamW below :data:`LARGE_DATA` images, timm's SGD from there on. A few hundred steps of SGD at
+  the linear rule's lr (timm's 0.1 per 256 images, set for ImageNet's hundreds of thousands of steps: 0.003
+  to 0.05 at batches of 8 to 128) leave a randomly initialised network near where it started; an adaptive
+  optimizer's step is set by its lr, not by the size of the gradients (Kingma & Ba 2015). The project's
+  small-data configs (``configs/``) use AdamW too;
+* ``lr``: scaled from a reference by timm's rule for the optimizer (timm's train.py does the same): linear
+  for SGD-like optimizers (Goyal et al. 2017) from :data:`LR_REFERENCES` ``['sgd']`` (0.1 per 256 images,
+  timm's ``--lr-base``), square root for adaptive ones (Adam*, Lamb, Ada*) from ``['adaptive']``: Adam's
+  default step, 1e-3 (Kingma & Ba 2015; PyTorch's default), at :data:`BN_BATCH` images, the batch the
+  recipe uses for a few hundred images.
+  ``--lr-base``, ``--lr-base-size`` and ``--lr-base-scale`` replace the reference or the rule.
 
 A batch given by the user that leaves fewer than :data:`MIN_STEPS_PER_EPOCH` steps per epoch gets one
 warning line naming the smaller batch the rule would pick (none when the rule's batch is not smaller: a
@@ -61,11 +71,17 @@ __all__ = ['AUTO_FIELDS', 'STEP_FIELDS', 'DataSummary', 'Schedule', 'summarize',
 #: fields of :class:`~epsanet.train.TrainConfig` that ``None`` leaves to the recipe
 AUTO_FIELDS = ('scale', 'color_jitter', 'crop_pct', 'smoothing', 'warmup_epochs', 'sched_on_updates', 'bn_recalibrate')
 #: fields of :class:`~epsanet.train.TrainConfig` that ``None`` leaves to :func:`pick_schedule`
-STEP_FIELDS = ('batch_size', 'lr', 'epochs')
+STEP_FIELDS = ('opt', 'batch_size', 'lr', 'epochs')
 #: timm's train.py batch size: the recipe's batch when the data give enough steps per epoch with it
 MAX_BATCH = 128
 #: smallest batch the recipe picks: BatchNorm normalises over the batch
 MIN_BATCH = 8
+#: smallest batch the recipe shrinks to for the step budget within given epochs (BatchNorm degrades below it)
+BN_BATCH = 16
+#: optimizer the recipe picks below :data:`LARGE_DATA` images, and from there on (timm's)
+SMALL_DATA_OPT, LARGE_DATA_OPT = 'adamw', 'sgd'
+#: (lr, global batch) the lr is scaled from: timm's --lr-base for SGD-like optimizers, Adam's default step for adaptive
+LR_REFERENCES = {'sgd': (0.1, 256), 'adaptive': (1e-3, BN_BATCH)}
 #: optimizer steps per epoch the recipe's batch gives; a given batch with fewer gets a warning
 MIN_STEPS_PER_EPOCH = 10
 #: (fewer training images than, optimizer steps in all) for a run without --epochs: the BiT-HyperRule's
@@ -120,6 +136,7 @@ def summarize(paths: Sequence[str], num_classes: int, sample: int = 32, num_imag
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """What :func:`pick_schedule` settles: the step settings, the run's length, and why (picked fields only)."""
+    opt: str
     batch_size: int
     lr: float
     epochs: int
@@ -132,27 +149,37 @@ class Schedule:
         return self.epochs * self.steps_per_epoch
 
 
-def _rule_batch(per_process: int) -> int:
-    batch = per_process // MIN_STEPS_PER_EPOCH
-    batch = min(MAX_BATCH, max(MIN_BATCH, batch - batch % 2))
+def _rule_batch(per_process: int, epochs: Optional[int], budget: int) -> int:
+    batch = min(MAX_BATCH, per_process // MIN_STEPS_PER_EPOCH)  # enough steps per epoch
+    if epochs is not None:  # and the step budget within the given epochs, down to BN_BATCH
+        batch = max(min(batch, per_process * epochs // budget), min(batch, BN_BATCH))
+    batch = max(MIN_BATCH, batch - batch % 2)
     return max(1, min(batch, per_process))  # a set smaller than MIN_BATCH: all of it, one step per epoch
 
 
 def pick_schedule(num_images: int, world_size: int = 1, batch_size: Optional[int] = None, lr: Optional[float] = None,
-                  epochs: Optional[int] = None, opt: str = 'sgd', lr_base: float = 0.1, lr_base_size: int = 256,
-                  lr_base_scale: str = '') -> Schedule:
-    """Batch size, lr and epochs for ``num_images`` training images over ``world_size`` processes, by the
-    principle of the module docstring; given values (not ``None``) are kept and only explained."""
+                  epochs: Optional[int] = None, opt: Optional[str] = None, lr_base: Optional[float] = None,
+                  lr_base_size: Optional[int] = None, lr_base_scale: str = '') -> Schedule:
+    """Optimizer, batch size, lr and epochs for ``num_images`` training images over ``world_size`` processes, by
+    the principle of the module docstring; given values (not ``None``) are kept and only explained."""
     per_process = math.ceil(num_images / world_size)
     why: Dict[str, str] = {}
     warning = ''
-    rule_batch = _rule_batch(per_process)
+    over = f'{per_process} images per process' if world_size > 1 else f'{num_images} images'
+    budget_limit, budget = next((limit, b) for limit, b in STEP_BUDGETS if limit is None or num_images < limit)
+    if opt is None:
+        small = num_images < LARGE_DATA
+        opt = SMALL_DATA_OPT if small else LARGE_DATA_OPT
+        why['opt'] = f'--opt {opt} ({num_images} images {"<" if small else ">="} {LARGE_DATA})'
+    rule_batch = _rule_batch(per_process, epochs, budget)
     batch = rule_batch if batch_size is None else batch_size
     steps = per_process // batch
-    over = f'{per_process} images per process' if world_size > 1 else f'{num_images} images'
     if batch_size is None:
         if batch == MAX_BATCH:
             why['batch_size'] = f"batch {batch} (timm's; {steps} steps per epoch over {over})"
+        elif batch < _rule_batch(per_process, None, budget):  # shrunk for the budget within the given epochs
+            why['batch_size'] = (f'batch {batch} ({steps} steps per epoch over {over}: the step budget {budget} in '
+                                 f'{epochs} epochs{f", down to batch {BN_BATCH}" if batch == BN_BATCH else ""})')
         elif steps >= MIN_STEPS_PER_EPOCH:
             why['batch_size'] = (f'batch {batch} (the largest with >= {MIN_STEPS_PER_EPOCH} steps per epoch: {steps} '
                                  f'over {over})')
@@ -164,18 +191,20 @@ def pick_schedule(num_images: int, world_size: int = 1, batch_size: Optional[int
                    f'(fewer than {MIN_STEPS_PER_EPOCH}): the lr schedule and the BatchNorm statistics get few updates. '
                    f'Try --batch-size {rule_batch}, or leave --batch-size unset.')
     if lr is None:
-        scale = lr_base_scale or ('sqrt' if any(o in opt.lower() for o in ('ada', 'lamb')) else 'linear')
-        ratio = batch * world_size / lr_base_size
-        lr = lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
-        why['lr'] = f'lr {lr:.3g} (--lr-base {lr_base:g} per {lr_base_size} images, {scale} rule, --opt {opt})'
+        adaptive = any(o in opt.lower() for o in ('ada', 'lamb'))
+        scale = lr_base_scale or ('sqrt' if adaptive else 'linear')
+        ref_lr, ref_batch = LR_REFERENCES['adaptive' if adaptive else 'sgd']
+        ref_lr = ref_lr if lr_base is None else lr_base
+        ref_batch = ref_batch if lr_base_size is None else lr_base_size
+        ratio = batch * world_size / ref_batch
+        lr = ref_lr * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
+        why['lr'] = f'lr {lr:.3g} ({ref_lr:g} per {ref_batch} images, {scale} rule for --opt {opt})'
     if epochs is None:
-        budget = next(b for limit, b in STEP_BUDGETS if limit is None or num_images < limit)
         epochs = min(MAX_EPOCHS, max(1, math.ceil(budget / max(1, steps))))
-        limits = [limit for limit, _ in STEP_BUDGETS if limit is not None]
-        bound = next((f'< {limit}' for limit in limits if num_images < limit), f'>= {limits[-1]}')
+        bound = f'< {budget_limit}' if budget_limit is not None else f'>= {STEP_BUDGETS[-2][0]}'
         why['epochs'] = (f'{epochs} epoch{"s" if epochs > 1 else ""} (the step budget for {bound} images: {budget}'
                          f'{f", at most {MAX_EPOCHS} epochs" if epochs == MAX_EPOCHS else ""})')
-    return Schedule(batch, lr, epochs, steps, why, warning)
+    return Schedule(opt, batch, lr, epochs, steps, why, warning)
 
 
 def pick_recipe(data: DataSummary, img_size: int, epochs: int,
@@ -227,7 +256,7 @@ def apply_recipe(cfg: Any, data: DataSummary, img_size: int, world_size: int = 1
     sched = pick_schedule(data.num_images, world_size, cfg.batch_size, cfg.lr, cfg.epochs, cfg.opt, cfg.lr_base,
                           cfg.lr_base_size, cfg.lr_base_scale)
     values, reasons = pick_recipe(data, img_size, sched.epochs, cfg.warmup_epochs)
-    values.update(batch_size=sched.batch_size, lr=sched.lr, epochs=sched.epochs)
+    values.update(opt=sched.opt, batch_size=sched.batch_size, lr=sched.lr, epochs=sched.epochs)
     auto = [f for f in (*STEP_FIELDS, *AUTO_FIELDS) if getattr(cfg, f) is None]
     if not auto:
         return cfg, '', sched.warning

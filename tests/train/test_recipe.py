@@ -61,9 +61,9 @@ def test_given_values_win_and_the_line_names_only_what_was_picked():
                                       data, img_size=32)
     assert cfg.scale == (0.08, 1.0) and cfg.smoothing == 0.2 and cfg.warmup_epochs == 3  # given
     assert (cfg.color_jitter, cfg.crop_pct, cfg.sched_on_updates) == (0.0, 1.0, True)  # picked, for the given warm-up
-    assert line.startswith('recipe for 150 grey images, 3 classes, 32 px: batch 14 (') and line.count('\n') == 0
-    assert 'no colour jitter (grey images)' in line
-    assert 'Set --batch-size --lr --color-jitter --crop-pct --sched-on-updates --bn-recalibrate (or' in line
+    assert line.startswith('recipe for 150 grey images, 3 classes, 32 px: --opt adamw (150 images < 10000), batch 14 (')
+    assert 'no colour jitter (grey images)' in line and line.count('\n') == 0
+    assert 'Set --opt --batch-size --lr --color-jitter --crop-pct --sched-on-updates --bn-recalibrate (or' in line
     assert 'random crop' not in line and 'smoothing' not in line and 'warm-up epoch' not in line
     assert 'The run: 12 epochs x 10 steps = 120 optimizer steps.' in line and '--epochs' not in line
     assert not warning
@@ -107,23 +107,53 @@ def test_the_batch_gives_enough_steps_and_the_epochs_a_step_budget(images, world
     assert set(sched.why) == set(STEP_FIELDS)
 
 
+# images, processes, given epochs -> batch: the step budget (500) within the given epochs, down to batch 16
+@pytest.mark.parametrize('images, world, epochs, batch', [
+    (260, 1, 12, 16),  # 26 would give 10 steps per epoch, 120 in all; 16 gives 192
+    (150, 1, 12, 14),  # 16 would leave fewer than 10 steps per epoch
+    (64, 1, 12, 8),  # the smallest batch the recipe uses
+    (5_000, 1, 10, 100),  # 50 steps per epoch: 500 in 10 epochs
+    (5_000, 1, 1_000, 128),
+    (1_281_167, 8, 100, 128),
+])
+def test_given_epochs_shrink_the_batch_towards_the_step_budget(images, world, epochs, batch):
+    sched = pick_schedule(images, world_size=world, epochs=epochs)
+    assert sched.batch_size == batch and sched.epochs == epochs and set(sched.why) == {'opt', 'batch_size', 'lr'}
+    assert sched.total_steps >= 500 or sched.batch_size <= 16
+
+
+@pytest.mark.parametrize('images, opt', [(9_999, 'adamw'), (10_000, 'sgd'), (1_281_167, 'sgd')])
+def test_adamw_below_large_data(images, opt):
+    sched = pick_schedule(images)
+    assert sched.opt == opt and sched.why['opt'].startswith(f'--opt {opt} ({images} images')
+    assert pick_schedule(images, opt='lamb').opt == 'lamb' and 'opt' not in pick_schedule(images, opt='lamb').why
+
+
 @pytest.mark.parametrize('opt, scale, batch, world, lr', [
     ('sgd', '', 14, 1, 0.1 * 14 / 256),  # linear for SGD, from --lr-base 0.1 per 256 images
     ('momentum', '', 64, 4, 0.1),
-    ('adamw', '', 64, 1, 0.05),  # square root for adaptive optimizers, as timm's train.py
+    ('adamw', '', 64, 1, 2e-3),  # square root for adaptive optimizers, as timm's train.py, from 1e-3 per 16
+    (None, '', 16, 1, 1e-3),  # the recipe's AdamW at batch 16: Adam's default step
+    ('adamw', 'linear', 64, 1, 4e-3),
     ('sgd', 'sqrt', 64, 1, 0.05),
 ])
 def test_the_lr_follows_the_global_batch_by_timms_rule(opt, scale, batch, world, lr):
     sched = pick_schedule(batch * world * MIN_STEPS_PER_EPOCH, world_size=world, opt=opt, lr_base_scale=scale)
     assert sched.batch_size == batch and sched.lr == pytest.approx(lr)
-    assert f'{scale or ("sqrt" if opt == "adamw" else "linear")} rule' in sched.why['lr']
+    assert f'{scale or ("linear" if opt in ("sgd", "momentum") else "sqrt")} rule' in sched.why['lr']
+
+
+def test_lr_base_flags_replace_the_reference():
+    sched = pick_schedule(160, opt='adamw', lr_base=4e-3, lr_base_size=64)
+    assert sched.batch_size == 16 and sched.lr == pytest.approx(2e-3)
+    assert sched.why['lr'] == 'lr 0.002 (0.004 per 64 images, sqrt rule for --opt adamw)'
 
 
 def test_given_step_settings_are_kept_and_only_explained():
-    sched = pick_schedule(150, batch_size=15, lr=0.3, epochs=7)
-    assert (sched.batch_size, sched.lr, sched.epochs, sched.steps_per_epoch) == (15, 0.3, 7, 10)
+    sched = pick_schedule(150, batch_size=15, lr=0.3, epochs=7, opt='sgd')
+    assert (sched.opt, sched.batch_size, sched.lr, sched.epochs, sched.steps_per_epoch) == ('sgd', 15, 0.3, 7, 10)
     assert sched.why == {} and sched.warning == ''
-    given_batch = pick_schedule(150, batch_size=32)
+    given_batch = pick_schedule(150, batch_size=32, opt='sgd')
     assert given_batch.lr == pytest.approx(0.1 * 32 / 256) and given_batch.epochs == 125  # 4 steps per epoch
 
 
@@ -139,20 +169,21 @@ def test_a_given_batch_with_few_steps_gets_one_warning(images, batch, world, ste
 
 def test_step_flags_config_and_api_win(tmp_path):
     data = DataSummary(num_images=150, num_classes=3, grey=True)
-    cfg, line, _ = apply_recipe(parse_config(TrainConfig, ['-b', '10', '--lr', '0.02', '--epochs', '3']), data, 32)
-    assert (cfg.batch_size, cfg.lr, cfg.epochs) == (10, 0.02, 3)
-    assert 'batch ' not in line and 'lr 0' not in line and 'epochs (' not in line
+    flags = ['-b', '10', '--lr', '0.02', '--epochs', '3', '--opt', 'sgd']
+    cfg, line, _ = apply_recipe(parse_config(TrainConfig, flags), data, 32)
+    assert (cfg.opt, cfg.batch_size, cfg.lr, cfg.epochs) == ('sgd', 10, 0.02, 3)
+    assert 'batch ' not in line and 'lr 0' not in line and 'epochs (' not in line and '--opt' not in line
     assert 'The run: 3 epochs x 15 steps = 45 optimizer steps.' in line
     path = tmp_path / 'c.yaml'
-    path.write_text('batch_size: 30\nepochs: 2\n')
+    path.write_text('batch_size: 30\nepochs: 2\nopt: sgd\n')
     cfg, line, warning = apply_recipe(parse_config(TrainConfig, ['--config', str(path)]), data, 32)
     assert (cfg.batch_size, cfg.epochs, cfg.lr) == (30, 2, pytest.approx(0.1 * 30 / 256))  # the lr follows the batch
-    assert 'lr 0.0117 (--lr-base 0.1 per 256 images, linear rule, --opt sgd)' in line
+    assert 'lr 0.0117 (0.1 per 256 images, linear rule for --opt sgd)' in line
     assert 'Try --batch-size 14' in warning
     cfg, line, _ = apply_recipe(TrainConfig(batch_size=50, lr=1e-3, epochs=4), data, 32)
     assert (cfg.batch_size, cfg.lr, cfg.epochs) == (50, 1e-3, 4)
     unset, line, _ = apply_recipe(TrainConfig(), data, 32)
-    assert (unset.batch_size, unset.epochs) == (14, 50)
+    assert (unset.opt, unset.batch_size, unset.epochs) == ('adamw', 14, 50)
     assert '50 epochs (the step budget for < 20000 images: 500)' in line
     assert 'The run: 50 epochs x 10 steps = 500 optimizer steps.' in line
 
@@ -216,17 +247,19 @@ def test_training_logs_the_picked_recipe_once_and_saves_it(tmp_path, caplog):
     result = train(TrainConfig(data_dir=str(data), output=str(tmp_path / 'run'), img_size=32, epochs=1, workers=0,
                                progress=False), callbacks=[Steps()])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('recipe for')]
-    assert lines == ['recipe for 80 colour images, 2 classes, 32 px: batch 8 (the largest with >= 10 steps per epoch: '
-                     '10 over 80 images), lr 0.00313 (--lr-base 0.1 per 256 images, linear rule, --opt sgd), no '
+    assert lines == ['recipe for 80 colour images, 2 classes, 32 px: --opt adamw (80 images < 10000), batch 8 (the '
+                     'largest with >= 10 steps per epoch: 10 over 80 images), lr 0.000707 (0.001 per 16 images, sqrt '
+                     'rule for --opt adamw), no '
                      'random crop (80 images < 10000), no colour jitter (80 images < 10000), no eval centre crop (32 '
                      'px <= 64), no label smoothing (80 images < 10000), no warm-up (80 images < 10000), lr updated '
                      'every epoch, BatchNorm statistics recomputed before each validation. The run: 1 epoch x 10 '
-                     'steps = 10 optimizer steps. Set --batch-size --lr --scale --color-jitter --crop-pct --smoothing '
-                     '--warmup-epochs --sched-on-updates --bn-recalibrate (or --config) to choose.']
-    assert len(steps) == MIN_STEPS_PER_EPOCH and steps[0][2] == pytest.approx(0.1 * 8 / 256)
+                     'steps = 10 optimizer steps. Set --opt --batch-size --lr --scale --color-jitter --crop-pct '
+                     '--smoothing --warmup-epochs --sched-on-updates --bn-recalibrate (or --config) to choose.']
+    assert len(steps) == MIN_STEPS_PER_EPOCH and steps[0][2] == pytest.approx(1e-3 * (8 / 16) ** 0.5)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == LOGGER]
     saved = yaml.safe_load((result.output_dir / 'args.yaml').read_text())
-    assert (saved['batch_size'], saved['lr'], saved['epochs']) == (8, pytest.approx(0.1 * 8 / 256), 1)
+    assert (saved['opt'], saved['batch_size'], saved['epochs']) == ('adamw', 8, 1)
+    assert saved['lr'] == pytest.approx(1e-3 * (8 / 16) ** 0.5)
     assert (saved['scale'], saved['color_jitter'], saved['crop_pct'], saved['warmup_epochs']) == ([1.0, 1.0], 0.0,
                                                                                                   1.0, 0)
     assert saved['sched_on_updates'] is False and saved['bn_recalibrate'] is True and saved['smoothing'] == 0.0

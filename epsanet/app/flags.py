@@ -14,6 +14,7 @@ this machine has. A bad value is a :class:`ConfigError` of one line naming the f
 import argparse
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Type, TypeVar
@@ -23,8 +24,8 @@ import yaml
 from .device import device_problem
 from .errors import ConfigError
 
-__all__ = ['BOUNDS', 'Bound', 'Options', 'arg', 'add_config_arguments', 'check_namespace', 'check_options',
-           'config_from_args', 'load_yaml', 'parse_config']
+__all__ = ['BOUNDS', 'Bound', 'Options', 'arg', 'default_workers', 'add_config_arguments', 'check_namespace',
+           'check_options', 'config_from_args', 'load_yaml', 'parse_config']
 
 T = TypeVar('T')
 
@@ -109,6 +110,13 @@ class Options:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+
+def default_workers(most: int) -> int:
+    """``most`` data loading workers, or fewer on a machine that gives this process fewer CPUs: PyTorch's
+    DataLoader warns when the workers outnumber them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(most, cpus))
 
 
 def arg(default: Any, help: str, group: str = 'options', **metadata: Any) -> Any:

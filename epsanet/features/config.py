@@ -5,7 +5,7 @@ from typing import Tuple
 
 from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP
 from ..app.errors import ConfigError
-from ..app.flags import arg
+from ..app.flags import arg, default_workers
 from ..app.model import InferenceModelOptions
 from ..app.outputs import overwrite_option
 
@@ -30,7 +30,8 @@ class ExtractConfig(InferenceModelOptions):
                                       'pre-logits', X, metavar='STAGE')
     pool_stages: bool = arg(False, 'global-average-pool stage outputs to vectors', X)
     batch_size: int = arg(64, 'batch size (per process)', X, aliases=('-b',))
-    workers: int = arg(4, 'data loading worker processes (per process)', X, aliases=('-j',))
+    workers: int = arg(default_workers(4), 'data loading worker processes per process (default: 4, at most the CPUs)',
+                       X, aliases=('-j',))
     device: str = arg('', 'device (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)', X)
     optimize: bool = arg(True, 'run the fastest inference form: on CPU optimize_for_inference (BatchNorm folded, '
                                'channels_last); on CUDA channels_last + mixed precision', X)

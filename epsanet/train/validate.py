@@ -18,7 +18,7 @@ from timm.data.distributed_sampler import OrderedDistributedSampler
 from ..app.data import CLASS_MAP_HELP, DATASET_HELP, DOWNLOAD_HELP, dataset_from_config, eval_loader, verify_images
 from ..app.device import all_reduce_sum, autocast_for
 from ..app.errors import ConfigError
-from ..app.flags import arg
+from ..app.flags import arg, default_workers
 from ..app.model import InferenceModelOptions, check_classes, load_for_inference
 from ..app.outputs import check_output_file, config_inputs, overwrite_option
 from ..data import DataError, dataset_classes
@@ -124,7 +124,8 @@ class ValidateConfig(InferenceModelOptions):
     class_map: str = arg('', CLASS_MAP_HELP, V)
     dataset_download: bool = arg(False, DOWNLOAD_HELP, V)
     batch_size: int = arg(256, 'batch size', V, aliases=('-b',))
-    workers: int = arg(4, 'data loading worker processes', V, aliases=('-j',))
+    workers: int = arg(default_workers(4), 'data loading worker processes (default: 4, at most the CPUs)',
+                       V, aliases=('-j',))
     device: str = arg('', 'device (default: cuda if available, else cpu)', V)
     amp: bool = arg(False, 'mixed precision', V)
     amp_dtype: str = arg('', 'mixed precision dtype', V, choices=('float16', 'bfloat16'))

@@ -3,7 +3,7 @@ import argparse
 import pytest
 
 from epsanet.app.errors import ConfigError
-from epsanet.app.flags import add_config_arguments, config_from_args, parse_config
+from epsanet.app.flags import add_config_arguments, config_from_args, default_workers, parse_config
 from epsanet.train import TrainConfig
 
 
@@ -108,3 +108,9 @@ def test_device_must_exist():
         assert 'no cuda device' in device_problem('cuda')
     else:
         assert 'numbered from 0' in device_problem(f'cuda:{torch.cuda.device_count()}')
+
+
+@pytest.mark.parametrize('cpus, workers', [(1, 1), (2, 2), (4, 4), (16, 4)])
+def test_default_workers_never_outnumber_the_cpus(monkeypatch, cpus, workers):
+    monkeypatch.setattr('os.sched_getaffinity', lambda pid: set(range(cpus)), raising=False)
+    assert default_workers(4) == workers

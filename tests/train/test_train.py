@@ -1,7 +1,9 @@
 """End-to-end runs of :func:`epsanet.train.train` on a tiny generated ImageFolder (32 px, batch 4)."""
 import collections
 import logging
+import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -101,6 +103,20 @@ def test_resume_after_an_epoch_repeats_the_uninterrupted_run(full_run, data, tmp
     assert first.losses + second.losses == losses  # exactly
     assert _without_timing(resumed.metrics) == _without_timing(result.metrics)
     assert _same_weights(tmp_path, result.output_dir)
+
+
+def test_resume_with_more_epochs_follows_the_longer_schedule(full_run, data, tmp_path):
+    lrs = []
+
+    class Lr(Callback):
+        def on_step(self, epoch, step, loss, lr):
+            lrs.append((epoch, lr))
+
+    shutil.copytree(full_run[0].output_dir, tmp_path / 'run')
+    train(_cfg(data, tmp_path / 'run', resume=str(tmp_path / 'run'), epochs=4), callbacks=[Lr()])
+    # cosine over 4 epochs, per epoch: epoch 2 at 0.01 * (1 + cos(pi * 2 / 4)) / 2, not the 2-epoch schedule's end
+    assert [e for e, _ in lrs] == [2, 2, 2, 3, 3, 3]
+    assert lrs[0][1] == pytest.approx(0.005) and lrs[-1][1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 3 / 4)) / 2)
 
 
 def test_ctrl_c_mid_epoch_saves_the_exact_position(full_run, data, tmp_path, caplog):

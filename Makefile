@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m ruff check epsanet tests scripts
 	$(VENV)/bin/lint-imports
 	$(MAKE) docs
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest -q --timeout=900 --durations=25
 
 # The oldest versions pyproject.toml allows, tested: a venv on the oldest Python (3.10, from pyenv when there)
 # with every dependency pinned to its declared floor (.ci/floor_constraints.py turns each `>=X` into `==X`),

@@ -93,10 +93,10 @@ class TrainConfig(Options):
     validation_batch_size: Optional[int] = arg(None, 'validation batch size (default: --batch-size)', OPT)
     # schedule
     lr: Optional[float] = arg(None, 'learning rate (default: --lr-base scaled to the global batch size)', S)
-    lr_base: Optional[float] = arg(None, 'lr for a global batch of --lr-base-size (default: 0.1 for the linear rule, '
-                                         "timm's; 1e-3 for the square-root rule, Adam's default)", S)
-    lr_base_size: Optional[int] = arg(None, 'global batch size --lr-base refers to (default: 256 for the linear rule, '
-                                            '16 for the square-root rule)', S)
+    lr_base: Optional[float] = arg(None, 'lr for a global batch of --lr-base-size (default: 0.1 for SGD-like '
+                                         "optimizers, timm's; 1e-3 for adaptive ones, Adam's default)", S)
+    lr_base_size: Optional[int] = arg(None, 'global batch size --lr-base refers to (default: 256 for SGD-like '
+                                            'optimizers, 16 for adaptive ones)', S)
     lr_base_scale: str = arg('', 'lr scaling with batch size: linear or sqrt (default: sqrt for adaptive '
                                  'optimizers, else linear)', S)
     sched: str = arg('cosine', 'lr schedule', S, choices=('cosine', 'step', 'multistep', 'plateau', 'tanh', 'poly',

@@ -348,9 +348,7 @@ class _Trainer:
         self.scheduler, self.num_epochs = create_scheduler_v2(
             self.optimizer, **scheduler_kwargs(cfg), updates_per_epoch=self.updates_per_epoch)
         if self.scheduler is not None and self.state:
-            if self.state.get('scheduler') and cfg.sched == 'plateau':
-                # the one timm schedule with a state beyond its options (the metric history); the others are a function
-                # of the options and the step, so a resume with a new --epochs follows the new length
+            if self.state.get('scheduler'):
                 load_scheduler_state(self.scheduler, self.state['scheduler'])
             if cfg.sched_on_updates:
                 self.scheduler.step_update(self.start_epoch * self.updates_per_epoch + self.start_step)

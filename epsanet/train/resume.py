@@ -136,7 +136,9 @@ def scheduler_state(scheduler) -> Dict[str, Any]:
 
 
 def load_scheduler_state(scheduler, state: Dict[str, Any]) -> None:
-    scheduler.load_state_dict(state)
+    """Restore what the options and the step do not determine: the plateau schedule's metric history (its torch
+    ``ReduceLROnPlateau``). Every other part of a timm scheduler is rebuilt from the options, so a resume with a
+    new ``--epochs`` follows a schedule of the new length."""
     if hasattr(scheduler, 'lr_scheduler'):
         scheduler.lr_scheduler.load_state_dict({k: v for k, v in state.items()
                                                 if k in scheduler.lr_scheduler.state_dict()})

@@ -116,8 +116,10 @@ def test_export_reproduces_the_pytorch_logits(run, tmp_path):
 
     out, _ = run
     onnx_file = tmp_path / 'model.onnx'
+    # one SGD epoch on 6 images leaves logits in the hundreds, where float32 rounding through 50 layers exceeds the
+    # built-in check's default rtol (1e-5) now and then; the check runs at the tolerance this test asserts below
     epsanet('export', 'epsanet50', '--weights', out / 'best.safetensors', '--num-classes', 3, '--img-size', 32,
-            '--format', 'onnx', '-o', onnx_file, '--onnx-forms', 'plain')
+            '--format', 'onnx', '-o', onnx_file, '--onnx-forms', 'plain', '--rtol', 1e-3)
     model = timm.create_model('epsanet50', num_classes=3).eval()
     model.load_state_dict(load_file(out / 'best.safetensors'))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -43,6 +43,7 @@ ONNX_FORMS = 'onnx_forms'
 WORTH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     'fast_psa': ('FastPSA (output kept for backward)', ('train', 'memory')),
     'fold_batchnorm': ('BatchNorm folded into the convs', ('infer',)),
+    'tuned_convs': ('PSA branch convs in their fastest measured form', ('infer',)),
     'recompute_stem': ('stem recomputed in the backward pass', ('memory', 'train')),
     ONNX_FORMS: ('ONNX export forms of the branch convs', ('onnxruntime',)),
 }

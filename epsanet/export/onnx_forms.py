@@ -5,7 +5,7 @@ their speed on dense and depthwise convs: its blocked (NCHWc) conv kernels need 
 in every group. Two other forms of the same conv export to plain ONNX nodes with the same numbers:
 
 * depthwise convs plus a sum over each group's input channels
-  (:func:`~epsanet.export.conv_forms.grouped_conv_as_depthwise`, :class:`DepthwiseSumConv2d`): the
+  (:func:`~epsanet.optimize.conv_forms.grouped_conv_as_depthwise`, :class:`DepthwiseSumConv2d`): the
   same multiply-adds;
 * groups merged ``m`` at a time (:class:`GroupMergedConv2d`): a conv with ``groups / m`` groups whose
   weight is block diagonal (zeros between the merged groups), ``m`` times the multiply-adds but whole
@@ -30,8 +30,8 @@ from torch import nn
 
 from .._compat import onnx_export
 from ..layers.psa import PyramidSqueezeAttention
+from ..optimize.conv_forms import ConvShape, conv_sharing_weight, depthwise_applies, grouped_conv_as_depthwise
 from ..optimize.fast_psa import psa_sharing_modules
-from .conv_forms import ConvShape, conv_sharing_weight, depthwise_applies, grouped_conv_as_depthwise
 
 __all__ = ['DepthwiseSumConv2d', 'ExportPSA', 'GroupMergedConv2d', 'optimize_for_onnxruntime']
 

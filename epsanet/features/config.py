@@ -33,8 +33,9 @@ class ExtractConfig(InferenceModelOptions):
     workers: int = arg(default_workers(4), 'data loading worker processes per process (default: 4, at most the CPUs)',
                        X, aliases=('-j',))
     device: str = arg('', 'device (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)', X)
-    optimize: bool = arg(True, 'run the fastest inference form: on CPU optimize_for_inference (BatchNorm folded, '
-                               'channels_last); on CUDA channels_last + mixed precision', X)
+    optimize: bool = arg(True, 'run the fastest inference form: on CPU optimize_for_inference (BatchNorm folded, PSA '
+                               'convs in their fastest measured form, channels_last); on CUDA channels_last + '
+                               'mixed precision', X)
     amp: bool = arg(False, 'mixed precision on CPU too (bfloat16; on CUDA it is on unless --no-optimize); '
                            'features are stored as float32', X)
     amp_dtype: str = arg('', 'mixed precision dtype (default: float16 on CUDA, bfloat16 on CPU)', X,

@@ -107,7 +107,7 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, stages: Tuple[int, 
     amp, channels_last = form['amp'], form['channels_last']
     if form['optimize_for_inference']:
         from .. import optimize_for_inference
-        optimize_for_inference(model)  # BatchNorm folded, channels_last weights; NCHW input is fine
+        optimize_for_inference(model)  # NCHW input is fine
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model, data_config, autocast_for(device, amp, cfg.amp_dtype), channels_last

@@ -7,6 +7,8 @@ forward pass (hooks fire on them), and compute the same numbers within float rou
 * training only: every PSA layer becomes a :class:`~epsanet.optimize.fast_psa.FastPSA`, which keeps its
   output instead of its branch features for the backward pass (one feature map less per block);
 * inference only: every conv -> BatchNorm pair is folded into one conv (:mod:`epsanet.optimize.fold_bn`);
+* inference only: every PSA branch conv becomes a :class:`~epsanet.optimize.tuned_conv.TunedConv2d` (same
+  weight tensor), which runs in the form measured fastest on this CPU for each input shape it meets;
 * training only: the stem is recomputed in the backward pass instead of stored
   (:mod:`epsanet.optimize.recompute_stem`; ``recompute_stem=False`` keeps it);
 * the weights are stored channels_last (``channels_last=True``): the first conv then returns
@@ -27,6 +29,7 @@ from ..layers.psa import PyramidSqueezeAttention
 from .fast_psa import FastPSA
 from .fold_bn import fold_batchnorm
 from .recompute_stem import recompute_stem as _recompute_stem
+from .tuned_conv import TunedConv2d
 
 __all__ = ['MECHANISMS', 'optimize_for_inference', 'optimize_for_training', 'is_optimized']
 
@@ -43,7 +46,7 @@ def _on_cpu(model: nn.Module, what: str) -> bool:
 
 
 # What ``without`` may leave off (for ``epsanet benchmark --ablate``, which measures what each is worth)
-MECHANISMS = ('fast_psa', 'fold_batchnorm', 'recompute_stem')
+MECHANISMS = ('fast_psa', 'fold_batchnorm', 'tuned_convs', 'recompute_stem')
 
 
 def _check_without(without: Sequence[str]) -> None:
@@ -70,11 +73,19 @@ def _swap_psa_layers(model: nn.Module, without: Sequence[str] = ()) -> int:
     return count
 
 
+def _tune_branch_convs(model: nn.Module) -> None:
+    for psa in [m for m in model.modules() if isinstance(m, PyramidSqueezeAttention)]:
+        for i, conv in enumerate(psa.convs):
+            if TunedConv2d.supports(conv):
+                psa.convs[i] = TunedConv2d.from_conv(conv)
+
+
 def optimize_for_inference(model: nn.Module, channels_last: bool = True, without: Sequence[str] = ()) -> nn.Module:
     """The one-line CPU inference setting: ``model = epsanet.optimize_for_inference(model)``.
 
-    Puts the model in eval mode, folds BatchNorm into the preceding convs and, with ``channels_last``,
-    stores the weights channels_last (inputs may stay NCHW). Numerically the same
+    Puts the model in eval mode, folds BatchNorm into the preceding convs, lets each PSA branch conv run in
+    the form measured fastest on this CPU (the first call of each input shape measures) and, with
+    ``channels_last``, stores the weights channels_last (inputs may stay NCHW). Numerically the same
     network (float rounding aside), but it can no longer be trained: re-create the model to fine-tune.
     Works in place and returns the model. ``without`` names mechanisms (:data:`MECHANISMS`) to leave
     off, for measuring what each is worth. See :mod:`epsanet.optimize.transforms`.
@@ -85,6 +96,8 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, without
         return model
     if 'fold_batchnorm' not in without:
         fold_batchnorm(model)
+    if 'tuned_convs' not in without:
+        _tune_branch_convs(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
@@ -115,5 +128,5 @@ def optimize_for_training(model: nn.Module, channels_last: bool = True, recomput
 
 
 def is_optimized(model: nn.Module) -> bool:
-    """Whether a CPU transform has been applied to ``model`` (it holds FastPSA layers)."""
-    return any(isinstance(m, FastPSA) for m in model.modules())
+    """Whether a CPU transform has been applied to ``model`` (it holds FastPSA layers or tuned convs)."""
+    return any(isinstance(m, (FastPSA, TunedConv2d)) for m in model.modules())

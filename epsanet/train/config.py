@@ -51,8 +51,8 @@ class TrainConfig(Options):
                                   metavar='MODULE')
     grad_checkpointing: bool = arg(False, 'recompute activations in the backward pass to save memory', M)
     channels_last: bool = arg(False, 'use the channels-last memory layout', M)
-    cpu_optimize: bool = arg(True, 'on CPU, train after epsanet.optimize_for_training (PSA convs in the forms measured '
-                                   'fastest on this CPU, channels_last weights; same numbers, same checkpoint keys)', M)
+    cpu_optimize: bool = arg(True, 'on CPU, train after epsanet.optimize_for_training (less activation memory, '
+                                   'channels_last weights; same numbers, same checkpoint keys)', M)
     sync_bn: bool = arg(False, 'synchronise BatchNorm statistics across GPUs (distributed runs on CUDA)', M)
     bn_recalibrate: Optional[bool] = arg(None, 'recompute BatchNorm statistics over the training images before each '
                                                'validation (default: picked from the data)', M)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import epsanet
-from epsanet.optimize import FastPSA, is_optimized
+from epsanet.optimize import FastPSA, TunedConv2d, is_optimized
 
 
 def _model(name='epsanet50', dtype=torch.float64):
@@ -93,6 +93,7 @@ def test_inference_transform_folds_and_cannot_train():
     assert not model.training
     assert all(n.endswith('.bn2') for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert not any(isinstance(m, FastPSA) for m in model.modules())  # it pays in training only
+    assert sum(isinstance(m, TunedConv2d) for m in model.modules()) == 16 * 4 and is_optimized(model)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -126,6 +127,7 @@ def test_without_leaves_each_mechanism_off_and_keeps_the_numbers():
         assert isinstance(train, StemRecomputingResNet) == (mechanism != 'recompute_stem')
         folded = not any(isinstance(m, torch.nn.BatchNorm2d) for n, m in infer.named_modules() if n.endswith('bn1'))
         assert folded == (mechanism != 'fold_batchnorm')
+        assert any(isinstance(m, TunedConv2d) for m in infer.modules()) == (mechanism != 'tuned_convs')
         with torch.no_grad():
             torch.testing.assert_close(infer(x), expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match='Unknown mechanism'):

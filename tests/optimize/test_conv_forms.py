@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epsanet.export.conv_forms import ConvShape, depthwise_applies, grouped_conv_as_depthwise
+from epsanet.optimize.conv_forms import ConvShape, depthwise_applies, grouped_conv_as_depthwise
 
 CL = torch.channels_last
 

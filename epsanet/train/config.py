@@ -15,7 +15,7 @@ D, M, A, OPT, S, R = 'data', 'model and weights', 'augmentation and regularisati
 class TrainConfig(Options):
     """Options of :func:`epsanet.train.train`. Defaults are timm's train.py defaults unless noted.
 
-    The fields of :data:`epsanet.train.recipe.STEP_FIELDS` (optimizer, batch size, lr, epochs) and
+    The fields of :data:`epsanet.train.recipe.STEP_FIELDS` (optimizer, weight decay, batch size, lr, epochs) and
     :data:`~epsanet.train.recipe.AUTO_FIELDS` default to ``None``: training picks them from the data
     (:mod:`epsanet.train.recipe`) and logs what it picked; any value given wins.
     """
@@ -80,7 +80,8 @@ class TrainConfig(Options):
     opt_eps: Optional[float] = arg(None, 'optimizer epsilon', OPT)
     opt_betas: Optional[Tuple[float, ...]] = arg(None, 'optimizer betas', OPT, metavar='BETA')
     momentum: float = arg(0.9, 'SGD momentum', OPT)
-    weight_decay: float = arg(2e-5, 'weight decay', OPT)
+    weight_decay: Optional[float] = arg(None, 'weight decay (default: picked for the optimizer: 0.05 for AdamW and '
+                                              "LAMB, timm's 2e-5 for the others)", OPT)
     clip_grad: Optional[float] = arg(None, 'clip gradients to this norm (or value, see --clip-mode)', OPT)
     clip_mode: str = arg('norm', 'gradient clipping mode', OPT, choices=('norm', 'value', 'agc'))
     filter_bias_and_bn: bool = arg(True, 'exempt biases and norm weights from weight decay (timm default; the '

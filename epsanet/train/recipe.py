@@ -42,6 +42,9 @@ randomly initialised network within that budget. Nothing here was fitted to a be
   to 0.05 at batches of 8 to 128) leave a randomly initialised network near where it started; an adaptive
   optimizer's step is set by its lr, not by the size of the gradients (Kingma & Ba 2015). The project's
   small-data configs (``configs/``) use AdamW too;
+* ``weight_decay``: the reference value of the optimizer's own recipe (:data:`WEIGHT_DECAYS`): 0.05 for
+  decoupled decay (AdamW, LAMB: the DeiT and ConvNeXt recipes, the value timm's AdamW recipes and the
+  ``configs/`` use), timm's train.py 2e-5 for the others, whose decay is an L2 term scaled by the lr;
 * ``lr``: scaled from a reference by timm's rule for the optimizer (timm's train.py does the same): linear
   for SGD-like optimizers (Goyal et al. 2017) from :data:`LR_REFERENCES` ``['sgd']`` (0.1 per 256 images,
   timm's ``--lr-base``), square root for adaptive ones (Adam*, Lamb, Ada*) from ``['adaptive']``: Adam's
@@ -71,7 +74,7 @@ __all__ = ['AUTO_FIELDS', 'STEP_FIELDS', 'DataSummary', 'Schedule', 'summarize',
 #: fields of :class:`~epsanet.train.TrainConfig` that ``None`` leaves to the recipe
 AUTO_FIELDS = ('scale', 'color_jitter', 'crop_pct', 'smoothing', 'warmup_epochs', 'sched_on_updates', 'bn_recalibrate')
 #: fields of :class:`~epsanet.train.TrainConfig` that ``None`` leaves to :func:`pick_schedule`
-STEP_FIELDS = ('opt', 'batch_size', 'lr', 'epochs')
+STEP_FIELDS = ('opt', 'weight_decay', 'batch_size', 'lr', 'epochs')
 #: timm's train.py batch size: the recipe's batch when the data give enough steps per epoch with it
 MAX_BATCH = 128
 #: smallest batch the recipe picks: BatchNorm normalises over the batch
@@ -82,6 +85,9 @@ BN_BATCH = 16
 SMALL_DATA_OPT, LARGE_DATA_OPT = 'adamw', 'sgd'
 #: (lr, global batch) the lr is scaled from: timm's --lr-base for SGD-like optimizers, Adam's default step for adaptive
 LR_REFERENCES = {'sgd': (0.1, 256), 'adaptive': (1e-3, BN_BATCH)}
+#: weight decay by optimizer: decoupled (AdamW, LAMB; DeiT/ConvNeXt recipes) and the others (timm's train.py)
+WEIGHT_DECAYS = {'decoupled': 0.05, 'other': 2e-5}
+DECOUPLED_DECAY_OPTS = ('adamw', 'lamb')  # any timm optimizer name holding one: nadamw, fusedlamb, lookahead_adamw
 #: optimizer steps per epoch the recipe's batch gives; a given batch with fewer gets a warning
 MIN_STEPS_PER_EPOCH = 10
 #: (fewer training images than, optimizer steps in all) for a run without --epochs: the BiT-HyperRule's
@@ -137,6 +143,7 @@ def summarize(paths: Sequence[str], num_classes: int, sample: int = 32, num_imag
 class Schedule:
     """What :func:`pick_schedule` settles: the step settings, the run's length, and why (picked fields only)."""
     opt: str
+    weight_decay: float
     batch_size: int
     lr: float
     epochs: int
@@ -159,7 +166,8 @@ def _rule_batch(per_process: int, epochs: Optional[int], budget: int) -> int:
 
 def pick_schedule(num_images: int, world_size: int = 1, batch_size: Optional[int] = None, lr: Optional[float] = None,
                   epochs: Optional[int] = None, opt: Optional[str] = None, lr_base: Optional[float] = None,
-                  lr_base_size: Optional[int] = None, lr_base_scale: str = '') -> Schedule:
+                  lr_base_size: Optional[int] = None, lr_base_scale: str = '',
+                  weight_decay: Optional[float] = None) -> Schedule:
     """Optimizer, batch size, lr and epochs for ``num_images`` training images over ``world_size`` processes, by
     the principle of the module docstring; given values (not ``None``) are kept and only explained."""
     per_process = math.ceil(num_images / world_size)
@@ -171,6 +179,11 @@ def pick_schedule(num_images: int, world_size: int = 1, batch_size: Optional[int
         small = num_images < LARGE_DATA
         opt = SMALL_DATA_OPT if small else LARGE_DATA_OPT
         why['opt'] = f'--opt {opt} ({num_images} images {"<" if small else ">="} {LARGE_DATA})'
+    if weight_decay is None:
+        decoupled = any(name in opt.lower() for name in DECOUPLED_DECAY_OPTS)
+        weight_decay = WEIGHT_DECAYS['decoupled' if decoupled else 'other']
+        source = 'decoupled, as the AdamW and LAMB recipes' if decoupled else f"timm's default for {opt}"
+        why['weight_decay'] = f'weight decay {weight_decay:g} ({source})'
     rule_batch = _rule_batch(per_process, epochs, budget)
     batch = rule_batch if batch_size is None else batch_size
     steps = per_process // batch
@@ -204,7 +217,7 @@ def pick_schedule(num_images: int, world_size: int = 1, batch_size: Optional[int
         bound = f'< {budget_limit}' if budget_limit is not None else f'>= {STEP_BUDGETS[-2][0]}'
         why['epochs'] = (f'{epochs} epoch{"s" if epochs > 1 else ""} (the step budget for {bound} images: {budget}'
                          f'{f", at most {MAX_EPOCHS} epochs" if epochs == MAX_EPOCHS else ""})')
-    return Schedule(opt, batch, lr, epochs, steps, why, warning)
+    return Schedule(opt, weight_decay, batch, lr, epochs, steps, why, warning)
 
 
 def pick_recipe(data: DataSummary, img_size: int, epochs: int,
@@ -254,9 +267,10 @@ def apply_recipe(cfg: Any, data: DataSummary, img_size: int, world_size: int = 1
     picked and why, and how long the run is (empty when the user set every field); and a warning line
     (empty unless a given batch size leaves too few steps per epoch)."""
     sched = pick_schedule(data.num_images, world_size, cfg.batch_size, cfg.lr, cfg.epochs, cfg.opt, cfg.lr_base,
-                          cfg.lr_base_size, cfg.lr_base_scale)
+                          cfg.lr_base_size, cfg.lr_base_scale, cfg.weight_decay)
     values, reasons = pick_recipe(data, img_size, sched.epochs, cfg.warmup_epochs)
-    values.update(opt=sched.opt, batch_size=sched.batch_size, lr=sched.lr, epochs=sched.epochs)
+    values.update(opt=sched.opt, weight_decay=sched.weight_decay, batch_size=sched.batch_size, lr=sched.lr,
+                  epochs=sched.epochs)
     auto = [f for f in (*STEP_FIELDS, *AUTO_FIELDS) if getattr(cfg, f) is None]
     if not auto:
         return cfg, '', sched.warning

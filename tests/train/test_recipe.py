@@ -61,9 +61,10 @@ def test_given_values_win_and_the_line_names_only_what_was_picked():
                                       data, img_size=32)
     assert cfg.scale == (0.08, 1.0) and cfg.smoothing == 0.2 and cfg.warmup_epochs == 3  # given
     assert (cfg.color_jitter, cfg.crop_pct, cfg.sched_on_updates) == (0.0, 1.0, True)  # picked, for the given warm-up
-    assert line.startswith('recipe for 150 grey images, 3 classes, 32 px: --opt adamw (150 images < 10000), batch 14 (')
+    assert line.startswith('recipe for 150 grey images, 3 classes, 32 px: --opt adamw (150 images < 10000), weight '
+                           'decay 0.05 (decoupled, as the AdamW and LAMB recipes), batch 14 (')
     assert 'no colour jitter (grey images)' in line and line.count('\n') == 0
-    assert 'Set --opt --batch-size --lr --color-jitter --crop-pct --sched-on-updates --bn-recalibrate (or' in line
+    assert 'Set --opt --weight-decay --batch-size --lr --color-jitter --crop-pct --sched-on-updates' in line
     assert 'random crop' not in line and 'smoothing' not in line and 'warm-up epoch' not in line
     assert 'The run: 12 epochs x 10 steps = 120 optimizer steps.' in line and '--epochs' not in line
     assert not warning
@@ -118,7 +119,8 @@ def test_the_batch_gives_enough_steps_and_the_epochs_a_step_budget(images, world
 ])
 def test_given_epochs_shrink_the_batch_towards_the_step_budget(images, world, epochs, batch):
     sched = pick_schedule(images, world_size=world, epochs=epochs)
-    assert sched.batch_size == batch and sched.epochs == epochs and set(sched.why) == {'opt', 'batch_size', 'lr'}
+    assert sched.batch_size == batch and sched.epochs == epochs and set(sched.why) == {
+        'opt', 'weight_decay', 'batch_size', 'lr'}
     assert sched.total_steps >= 500 or sched.batch_size <= 16
 
 
@@ -143,6 +145,20 @@ def test_the_lr_follows_the_global_batch_by_timms_rule(opt, scale, batch, world,
     assert f'{scale or ("linear" if opt in ("sgd", "momentum") else "sqrt")} rule' in sched.why['lr']
 
 
+@pytest.mark.parametrize('images, opt, weight_decay', [
+    (150, None, 0.05),  # the recipe's AdamW: decoupled decay at the AdamW recipes' value
+    (1_281_167, None, 2e-5),  # the recipe's SGD: timm's
+    (150, 'nadamw', 0.05), (150, 'fusedlamb', 0.05), (150, 'lookahead_adamw', 0.05),
+    (150, 'adam', 2e-5), (150, 'momentum', 2e-5),  # L2 decay scaled by the lr: timm's
+])
+def test_weight_decay_follows_the_optimizer(images, opt, weight_decay):
+    sched = pick_schedule(images, opt=opt)
+    assert sched.weight_decay == weight_decay
+    assert sched.why['weight_decay'].startswith(f'weight decay {weight_decay:g} (')
+    assert pick_schedule(images, opt=opt, weight_decay=0.0).weight_decay == 0.0  # given: kept, not explained
+    assert 'weight_decay' not in pick_schedule(images, opt=opt, weight_decay=0.0).why
+
+
 def test_lr_base_flags_replace_the_reference():
     sched = pick_schedule(160, opt='adamw', lr_base=4e-3, lr_base_size=64)
     assert sched.batch_size == 16 and sched.lr == pytest.approx(2e-3)
@@ -150,8 +166,9 @@ def test_lr_base_flags_replace_the_reference():
 
 
 def test_given_step_settings_are_kept_and_only_explained():
-    sched = pick_schedule(150, batch_size=15, lr=0.3, epochs=7, opt='sgd')
-    assert (sched.opt, sched.batch_size, sched.lr, sched.epochs, sched.steps_per_epoch) == ('sgd', 15, 0.3, 7, 10)
+    sched = pick_schedule(150, batch_size=15, lr=0.3, epochs=7, opt='sgd', weight_decay=1e-4)
+    assert (sched.opt, sched.weight_decay, sched.batch_size, sched.lr, sched.epochs, sched.steps_per_epoch) == (
+        'sgd', 1e-4, 15, 0.3, 7, 10)
     assert sched.why == {} and sched.warning == ''
     given_batch = pick_schedule(150, batch_size=32, opt='sgd')
     assert given_batch.lr == pytest.approx(0.1 * 32 / 256) and given_batch.epochs == 125  # 4 steps per epoch
@@ -247,18 +264,20 @@ def test_training_logs_the_picked_recipe_once_and_saves_it(tmp_path, caplog):
     result = train(TrainConfig(data_dir=str(data), output=str(tmp_path / 'run'), img_size=32, epochs=1, workers=0,
                                progress=False), callbacks=[Steps()])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('recipe for')]
-    assert lines == ['recipe for 80 colour images, 2 classes, 32 px: --opt adamw (80 images < 10000), batch 8 (the '
+    assert lines == ['recipe for 80 colour images, 2 classes, 32 px: --opt adamw (80 images < 10000), weight decay '
+                     '0.05 (decoupled, as the AdamW and LAMB recipes), batch 8 (the '
                      'largest with >= 10 steps per epoch: 10 over 80 images), lr 0.000707 (0.001 per 16 images, sqrt '
                      'rule for --opt adamw), no '
                      'random crop (80 images < 10000), no colour jitter (80 images < 10000), no eval centre crop (32 '
                      'px <= 64), no label smoothing (80 images < 10000), no warm-up (80 images < 10000), lr updated '
                      'every epoch, BatchNorm statistics recomputed before each validation. The run: 1 epoch x 10 '
-                     'steps = 10 optimizer steps. Set --opt --batch-size --lr --scale --color-jitter --crop-pct '
+                     'steps = 10 optimizer steps. Set --opt --weight-decay --batch-size --lr --scale --color-jitter '
+                     '--crop-pct '
                      '--smoothing --warmup-epochs --sched-on-updates --bn-recalibrate (or --config) to choose.']
     assert len(steps) == MIN_STEPS_PER_EPOCH and steps[0][2] == pytest.approx(1e-3 * (8 / 16) ** 0.5)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == LOGGER]
     saved = yaml.safe_load((result.output_dir / 'args.yaml').read_text())
-    assert (saved['opt'], saved['batch_size'], saved['epochs']) == ('adamw', 8, 1)
+    assert (saved['opt'], saved['weight_decay'], saved['batch_size'], saved['epochs']) == ('adamw', 0.05, 8, 1)
     assert saved['lr'] == pytest.approx(1e-3 * (8 / 16) ** 0.5)
     assert (saved['scale'], saved['color_jitter'], saved['crop_pct'], saved['warmup_epochs']) == ([1.0, 1.0], 0.0,
                                                                                                   1.0, 0)

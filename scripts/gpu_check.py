@@ -99,7 +99,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def check_channels_last_and_compile(device: torch.device, size: int) -> List[Row]:
+def check_channels_last_and_compile(device: torch.device, size: int, backend: str = 'inductor') -> List[Row]:
     rows = []
     # eval mode: with batch statistics of a tiny batch, float32 rounding grows through the network's
     # BatchNorms into ~1e-2 relative differences of the input gradient, whatever the memory format
@@ -109,7 +109,7 @@ def check_channels_last_and_compile(device: torch.device, size: int) -> List[Row
     variants: List[Tuple[str, Callable[[], torch.nn.Module], torch.Tensor]] = [
         ('channels_last', lambda: copy.deepcopy(model).to(memory_format=torch.channels_last),
          x.to(memory_format=torch.channels_last)),
-        ('torch.compile', lambda: torch.compile(copy.deepcopy(model)), x),
+        ('torch.compile', lambda: torch.compile(copy.deepcopy(model), backend=backend), x),
     ]
     for label, make, inp in variants:
         try:
@@ -202,6 +202,9 @@ def main(argv=None) -> int:
     parser.add_argument('--img-size', type=int, default=None, help='default: 224 on CUDA, 32 on CPU')
     parser.add_argument('--batch-size', type=int, default=None, help='throughput batch (default 64 on CUDA, 2 on CPU)')
     parser.add_argument('--steps', type=int, default=None, help='timed steps per throughput row (default 20 / 1)')
+    parser.add_argument('--compile-backend', default='inductor',
+                        help="torch.compile backend of check 3 (CI's CPU run: aot_eager, which skips inductor's "
+                             'C++ code generation: a minute on 2 cores)')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -212,10 +215,12 @@ def main(argv=None) -> int:
     small = 64  # correctness checks need no full-size images (and CPU bf16 has a known bug on 1x1 maps)
     gpu = torch.cuda.get_device_name(device) if cuda else 'CPU (CI dry run)'
     rows: List[Row] = []
-    for check in (check_fp32, check_amp, check_channels_last_and_compile, check_train_cli, check_extract):
+    compile_check = lambda d, s: check_channels_last_and_compile(d, s, args.compile_backend)  # noqa: E731
+    for name, check in (('fp32', check_fp32), ('amp', check_amp), ('channels_last and compile', compile_check),
+                        ('train', check_train_cli), ('extract', check_extract)):
         t0 = time.perf_counter()
         rows += check(device, small)
-        print(f'{check.__name__}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+        print(f'{name}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
     rows += throughput_rows(device, size, args.batch_size or (64 if cuda else 2), args.steps or (20 if cuda else 1))
     print(f'\n### GPU check: {gpu}, torch {torch.__version__}, timm {timm.__version__}\n')
     print('| check | result | detail |\n|---|---|---|')

@@ -13,6 +13,7 @@ where errors reach the user: each as one line (``epsanet COMMAND: error: ...``) 
 never a traceback unless ``EPSANET_DEBUG=1`` is set.
 """
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -47,8 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for module in _command_modules():
         sub = module.add_parser(subparsers)
-        sub.set_defaults(_run=module.run, _bounds=getattr(module, 'BOUNDS', {}))
+        sub.set_defaults(_run=module.run, _bounds=getattr(module, 'BOUNDS', {}), _parser=sub)
     return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: List[str]) -> str:
+    """argparse's message for ``extras``, with the closest flag of the subcommand for a mistyped one."""
+    flags = [s for action in parser._actions for s in action.option_strings]
+    hints = [match[0] for x in extras if x.startswith('-')
+             for match in [difflib.get_close_matches(x.split('=')[0], flags, n=1)] if match]
+    return f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {', '.join(hints)}?)" if hints else '')
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -56,7 +65,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if hasattr(stream, 'reconfigure'):
             stream.reconfigure(errors='backslashreplace')
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # the subcommand's usage, not the top level's, and the flag meant where one is close
+        command_parser = getattr(args, '_parser', parser)
+        command_parser.error(_unrecognized(command_parser, extras))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     if not getattr(args, '_run', None):

@@ -37,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
     if result.best_top1 is not None:
         print(f'Best top-1 {result.best_top1:.2f}% at epoch {result.best_epoch}: {result.weights}')
     else:
-        print(f'Done ({result.epochs_completed} epochs, no validation split): {result.weights}')
+        n = result.epochs_completed
+        print(f'Done ({n} epoch{"" if n == 1 else "s"}, no validation split): {result.weights}')
     return 0

@@ -210,6 +210,12 @@ class _Trainer:
                 raise CheckpointError(f'{files["weights"]} (epoch {meta_epoch}) and {files["state"]} (epoch '
                                       f'{state["epoch"]}) do not belong together: the run stopped while saving. '
                                       'Resume from a folder whose two files match.')
+        saved = files['state'].parent / 'args.yaml'  # the options of the run so far, rewritten once this run starts
+        default = model_img_size(cfg.model)
+        then = ((yaml.safe_load(saved.read_text()) or {}).get('img_size') if saved.is_file() else None) or default
+        if then != (cfg.img_size or default):
+            self._log_warning(f'resuming at image size {cfg.img_size or default}: the run trained at {then} so far '
+                              f'(--img-size {then} resumes it as it was).')
         progress = state.get('progress')
         if progress and isinstance(self.train_ds, torch.utils.data.IterableDataset):
             raise CheckpointError(f'cannot resume {files["state"]}: it stopped part-way through epoch '

@@ -119,6 +119,13 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(full_run, data, tmp
     assert lrs[0][1] == pytest.approx(0.005) and lrs[-1][1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 3 / 4)) / 2)
 
 
+def test_resume_at_another_image_size_says_so(full_run, data, tmp_path, caplog):
+    shutil.copytree(full_run[0].output_dir, tmp_path / 'run')
+    with caplog.at_level(logging.WARNING):
+        train(_cfg(data, tmp_path / 'run', resume=str(tmp_path / 'run'), epochs=3, img_size=64))
+    assert 'resuming at image size 64: the run trained at 32 so far (--img-size 32 resumes it' in caplog.text
+
+
 def test_ctrl_c_mid_epoch_saves_the_exact_position(full_run, data, tmp_path, caplog):
     result, losses = full_run
     first = Recorder(stop_at_step=(0, 1))

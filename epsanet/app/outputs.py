@@ -31,8 +31,8 @@ from ..errors import EpsanetError
 from .flags import arg
 
 __all__ = [
-    'OutputError', 'OVERWRITE_HELP', 'overwrite_option', 'add_overwrite_argument', 'check_not_input', 'check_new',
-    'check_output_file', 'config_inputs', 'RunFolder', 'LOCK_NAME',
+    'OutputError', 'OVERWRITE_HELP', 'overwrite_option', 'add_overwrite_argument', 'check_not_input',
+    'check_not_inside', 'check_new', 'check_output_file', 'config_inputs', 'RunFolder', 'LOCK_NAME',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -98,6 +98,20 @@ def check_not_input(outputs: Iterable[Optional[PathLike]], inputs: Iterable[Opti
                 if _inside(name, st):
                     raise OutputError(f'{flag} {out} holds the input {name}: this command must not write into a '
                                       f'folder of its inputs. Choose another {flag} (a new or empty folder).')
+
+
+def check_not_inside(folders: Iterable[Optional[PathLike]], inputs: Iterable[Optional[PathLike]],
+                     flag: str = '--output') -> None:
+    """Refuse an output folder (existing or not) that lies inside an input folder, such as a run folder inside
+    the data it trains on: its files would become part of the data. Holds even with ``--overwrite``."""
+    ins = [(name, st) for name, st in _inputs(inputs) if os.path.isdir(name)]
+    for out in folders:
+        if not out or not str(out):
+            continue
+        for name, st in ins:
+            if _inside(str(out), st):
+                raise OutputError(f'{flag} {out} lies inside the input folder {name}: its files would become part '
+                                  f'of the data. Choose another {flag} (outside {name}).')
 
 
 def _inside(path: str, folder: os.stat_result) -> bool:

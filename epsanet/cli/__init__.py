@@ -31,6 +31,13 @@ class CLIError(EpsanetError):
     """An error caused by the user's input: printed as one clear line, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage block of a subcommand is dozens of lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def _command_modules():
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if info.name.startswith('_'):
@@ -41,7 +48,7 @@ def _command_modules():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='epsanet', description='EPSANet model zoo: models, weights, fine-tuning, features, benchmarks.')
     parser.add_argument('--version', action='version', version=f'epsanet {__version__}')
     parser.add_argument('-v', '--verbose', action='store_true', help='debug logging')

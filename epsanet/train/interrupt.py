@@ -8,9 +8,10 @@ raises :class:`Interrupted` at once. Either way the process ends within ``grace_
 the first signal: if saving has not finished by then (a collective waiting for a dead rank, a hung
 file system), a watchdog thread ends the process with the same exit code, keeping the last saved
 state. Later signals while stopping are logged and otherwise ignored (under torchrun, Ctrl-C
-reaches a worker twice: from the terminal and forwarded by torchrun). Processes forked while the
-handlers are installed (DataLoader workers) ignore the signals: a Ctrl-C or a SIGTERM sent to the
-whole process group must not kill the workers the main process still reads from until it stops.
+reaches a worker twice: from the terminal and forwarded by torchrun). DataLoader workers ignore the
+signals (:func:`protect_workers`): a Ctrl-C or a SIGTERM sent to the whole process group (a terminal,
+``timeout``, SLURM) must not kill the workers the main process still reads from until it stops.
+PyTorch's own SIGTERM handler in a worker exits at once unless the parent sent it.
 
 The exit code of a stopped run is ``128 + signal number``, what a shell reports for a process
 killed by that signal: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1 (Linux numbering).
@@ -24,13 +25,37 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-__all__ = ['GracefulStop', 'Interrupted', 'STOP_SIGNALS', 'exit_code', 'signal_name', 'pause_point']
+from torch.utils.data import DataLoader
+
+__all__ = ['GracefulStop', 'Interrupted', 'STOP_SIGNALS', 'exit_code', 'signal_name', 'pause_point', 'protect_workers']
 
 _logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ('SIGINT', 'SIGTERM', 'SIGUSR1') if hasattr(signal, n))
+
+
+class _IgnoreStopSignals:
+    """A DataLoader ``worker_init_fn``: the worker ignores :data:`STOP_SIGNALS`, then runs the loader's own."""
+
+    def __init__(self, inner: Optional[Callable[[int], None]]):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def protect_workers(loader: Any) -> None:
+    """Make the workers of ``loader`` (a DataLoader, or timm's PrefetchLoader around one) ignore the stop
+    signals, so that only the main process reacts to them; it ends the workers itself when it stops."""
+    inner = getattr(loader, 'loader', loader)
+    if isinstance(inner, DataLoader) and inner.num_workers > 0 and not isinstance(inner.worker_init_fn,
+                                                                                  _IgnoreStopSignals):
+        inner.worker_init_fn = _IgnoreStopSignals(inner.worker_init_fn)
 
 
 def exit_code(signum: int) -> int:

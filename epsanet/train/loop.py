@@ -29,7 +29,7 @@ from ..app.data import data_config_for, dataset_from_config, eval_loader, verify
 from ..app.device import DistInfo, all_reduce_max, all_reduce_sum, autocast_for, init_distributed
 from ..app.errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..app.model import build_model, check_img_size
-from ..app.outputs import RunFolder, check_not_input, config_inputs
+from ..app.outputs import RunFolder, check_not_input, check_not_inside, config_inputs
 from ..data import DataError, check_same_classes
 from ..optimize import optimize_for_training
 from ..progress import progress
@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .freeze import export_state_dict, freeze_modules
-from .interrupt import GracefulStop, Interrupted, pause_point, signal_name
+from .interrupt import GracefulStop, Interrupted, pause_point, protect_workers, signal_name
 from .metrics import MetricsLog
 from .precise_bn import recalibrate_bn
 from .recipe import MAX_BATCH, apply_recipe, model_img_size, summarize
@@ -344,6 +344,8 @@ class _Trainer:
         if self.val_ds is not None:
             self.val_loader = eval_loader(self.val_ds, dc, cfg.validation_batch_size or cfg.batch_size, cfg.workers,
                                           self.device, self.dist.distributed, self.prefetcher, cfg.pin_mem)
+        for loader in (self.train_loader, self.val_loader):  # a signal to the process group stops the run, not them
+            protect_workers(loader)
         if self.mixup_fn is not None or collate_fn is not None:
             self.loss_fn = SoftTargetCrossEntropy()
         elif cfg.smoothing > 0:
@@ -684,6 +686,7 @@ def _claim(output: Path, cfg: TrainConfig) -> RunFolder:
     """Lock the run folder for this run (the output policy of :mod:`epsanet.app.outputs`): an existing run there
     is refused without --resume, with the command that resumes it."""
     check_not_input([output], config_inputs(cfg))  # e.g. --initial-checkpoint run/best.safetensors --output run
+    check_not_inside([output], [cfg.data_dir])  # e.g. --output DATA/train: the run's files would join the data
     resume_command = None
     if any(output.glob(f'*{STATE_SUFFIX}')):
         config = output / 'args.yaml'

@@ -191,8 +191,13 @@ def pick_schedule(num_images: int, world_size: int = 1, batch_size: Optional[int
         if batch == MAX_BATCH:
             why['batch_size'] = f"batch {batch} (timm's; {steps} steps per epoch over {over})"
         elif batch < _rule_batch(per_process, None, budget):  # shrunk for the budget within the given epochs
-            why['batch_size'] = (f'batch {batch} ({steps} steps per epoch over {over}: the step budget {budget} in '
-                                 f'{epochs} epochs{f", down to batch {BN_BATCH}" if batch == BN_BATCH else ""})')
+            if batch == BN_BATCH:  # the floor: the budget is not reached within the given epochs
+                why['batch_size'] = (f'batch {batch} ({steps} steps per epoch over {over}: the smallest batch the '
+                                     f'recipe uses; the step budget {budget} would need {math.ceil(budget / epochs)} '
+                                     f'per epoch in {epochs} epoch{"s" if epochs > 1 else ""})')
+            else:
+                why['batch_size'] = (f'batch {batch} ({steps} steps per epoch over {over}: the step budget {budget} '
+                                     f'in {epochs} epoch{"s" if epochs > 1 else ""})')
         elif steps >= MIN_STEPS_PER_EPOCH:
             why['batch_size'] = (f'batch {batch} (the largest with >= {MIN_STEPS_PER_EPOCH} steps per epoch: {steps} '
                                  f'over {over})')

@@ -203,6 +203,9 @@ def test_step_flags_config_and_api_win(tmp_path):
     assert (unset.opt, unset.batch_size, unset.epochs) == ('adamw', 14, 50)
     assert '50 epochs (the step budget for < 20000 images: 500)' in line
     assert 'The run: 50 epochs x 10 steps = 500 optimizer steps.' in line
+    _, line, _ = apply_recipe(TrainConfig(epochs=8), DataSummary(num_images=200, num_classes=4, grey=False), 32)
+    assert ('batch 16 (12 steps per epoch over 200 images: the smallest batch the recipe uses; the step budget 500 '
+            'would need 63 per epoch in 8 epochs)') in line
 
 
 @pytest.mark.parametrize('name', ['epsanet50.yaml', 'epsanet101_large.yaml'])

@@ -43,15 +43,15 @@ def _env(**extra):
     return dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', **extra)
 
 
-def run(cmd, log, pause=None, sig=None, env=None):
-    """Run ``cmd``; with ``pause`` ("point:n"), send ``sig`` when the child reaches that point. Returns
-    ``(exit code, stderr)``."""
+def run(cmd, log, pause=None, sig=None, env=None, group=False):
+    """Run ``cmd``; with ``pause`` ("point:n"), send ``sig`` when the child reaches that point (with ``group``, to
+    its whole process group, as a terminal, ``timeout`` or SLURM do). Returns ``(exit code, stderr)``."""
     marker = log.with_suffix('.paused')
     env = env or _env()
     if pause:
         env = dict(env, EPSANET_TEST_PAUSE_AT=pause, EPSANET_TEST_PAUSE_FILE=str(marker))
     with open(log, 'w') as err:
-        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, start_new_session=group)
         try:
             if pause:
                 deadline = time.monotonic() + TIMEOUT
@@ -59,7 +59,7 @@ def run(cmd, log, pause=None, sig=None, env=None):
                     assert proc.poll() is None, f'exited ({proc.returncode}) before {pause}:\n{log.read_text()[-3000:]}'
                     assert time.monotonic() < deadline, f'never reached {pause}'
                     time.sleep(0.05)
-                os.kill(int(marker.read_text()), sig)
+                os.killpg(proc.pid, sig) if group else os.kill(int(marker.read_text()), sig)
             proc.wait(timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
@@ -137,3 +137,15 @@ def test_stopped_five_times_by_four_signals_resumes_exactly(data, reference, tmp
     assert_same_run(out, reference)
     state = load_state(out / 'last.state.pth')
     assert (state['epoch'], state['step'], state['stopped_by']) == (2, 0, None)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_stops_the_run_not_its_data_workers(data, tmp_path, sig):
+    # the DataLoader workers get the signal too; PyTorch's worker SIGTERM handler would end them at once
+    out = tmp_path / 'run'
+    code, log = run(_command(data, out, '--workers', '2'), tmp_path / 'log', 'step:2', sig, group=True)
+    assert code == 128 + sig, log[-3000:]
+    assert f'stopped by {signal.Signals(sig).name} at epoch 1, step 2 of 3' in log and 'Traceback' not in log
+    assert 'DataLoader worker' not in log
+    state = load_state(out / 'last.state.pth')
+    assert (state['epoch'], state['step']) == (0, 2)

@@ -80,7 +80,8 @@ def test_run_writes_checkpoints_metrics_and_plot(full_run, data):
         assert torch.equal(v, saved[k]), k
     assert load_state(out / 'last.state.pth')['epoch'] == 2
     # args.yaml reproduces the run as a --config file, with the settings the recipe picked (epsanet.train.recipe)
-    picked = dict(scale=(1.0, 1.0), color_jitter=0.0, smoothing=0.0, sched_on_updates=False, bn_recalibrate=True)
+    picked = dict(scale=(1.0, 1.0), color_jitter=0.0, smoothing=0.0, sched_on_updates=False, bn_recalibrate=True,
+                  weight_decay=2e-5)
     assert parse_config(TrainConfig, ['--config', str(out / 'args.yaml')]) == _cfg(data, out, **picked)
 
 
